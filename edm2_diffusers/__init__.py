@@ -1,0 +1,7 @@
+"""edm2-diffusers: EDM2 diffusion models (Karras et al., CVPR 2024) for the Hugging Face stack."""
+
+__version__ = "0.1.0"
+
+from .models import EDM2UNet2DModel, EDM2UNet2DOutput
+
+__all__ = ["EDM2UNet2DModel", "EDM2UNet2DOutput"]
