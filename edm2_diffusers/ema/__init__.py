@@ -1,0 +1,32 @@
+"""Power-function EMA during training, snapshots, and post-hoc EMA reconstruction (paper Section 3.1, Appendix C)."""
+
+from .power import (
+    MAX_STD,
+    exp_to_std,
+    power_function_beta,
+    profile_inner_product,
+    solve_posthoc_coefficients,
+    std_to_exp,
+)
+from .reconstruct import PostHocEMAReconstruction, reconstruct
+from .snapshots import SnapshotInfo, config_fingerprint, list_snapshots, load_snapshot, snapshot_filename
+from .trackers import PowerFunctionEMA, TraditionalEMA, build_ema
+
+__all__ = [
+    "MAX_STD",
+    "PostHocEMAReconstruction",
+    "PowerFunctionEMA",
+    "SnapshotInfo",
+    "TraditionalEMA",
+    "build_ema",
+    "config_fingerprint",
+    "exp_to_std",
+    "list_snapshots",
+    "load_snapshot",
+    "power_function_beta",
+    "profile_inner_product",
+    "reconstruct",
+    "snapshot_filename",
+    "solve_posthoc_coefficients",
+    "std_to_exp",
+]
