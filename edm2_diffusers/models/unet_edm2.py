@@ -30,7 +30,8 @@ class EDM2UNet2DModel(ModelMixin, ConfigMixin):
     r"""The EDM2 U-Net F_θ, in diffusers' EDM convention.
 
     ``unet(sample, timestep).sample`` is F_θ(c_in·x; c_noise) with ``sample = c_in·x`` and ``timestep = c_noise =
-    ¼·ln σ``; the denoiser is D = c_skip·x + c_out·F (see :func:`edm2_diffusers.edm.denoise`). ``unet.logvar(timestep)``
+    ¼·ln σ``; the denoiser is D = c_skip·x + c_out·F (see :func:`edm2_diffusers.edm.denoise`).
+    ``unet.logvar(timestep)``
     is the learned uncertainty u(σ) of EDM2's loss (Eq. 21).
 
     Args:
@@ -145,7 +146,11 @@ class EDM2UNet2DModel(ModelMixin, ConfigMixin):
                 self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, cemb, flavor="dec", resample="up", **block_kwargs)
             for idx in range(num_blocks + 1):
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cout + skips.pop(), channels, cemb, flavor="dec", attention=res in attn_resolutions,
+                    cout + skips.pop(),
+                    channels,
+                    cemb,
+                    flavor="dec",
+                    attention=res in attn_resolutions,
                     **block_kwargs,
                 )
                 cout = channels
@@ -190,7 +195,8 @@ class EDM2UNet2DModel(ModelMixin, ConfigMixin):
             class_labels = F.one_hot(class_labels.long(), n)
         if class_labels.ndim != 2 or class_labels.shape[1] != n:
             raise ValueError(
-                f"class_labels must be indices of shape (N,) or one-hot of shape (N, {n}); got {tuple(class_labels.shape)}"
+                f"class_labels must be indices of shape (N,) or one-hot of shape (N, {n}); "
+                f"got {tuple(class_labels.shape)}"
             )
         if class_labels.shape[0] == 1 and batch > 1:
             class_labels = class_labels.expand(batch, -1)
@@ -232,9 +238,7 @@ class EDM2UNet2DModel(ModelMixin, ConfigMixin):
             )
         factor = 2 ** (len(self.config.channel_mult) - 1)
         if sample.shape[2] % factor or sample.shape[3] % factor:
-            raise ValueError(
-                f"sample size {tuple(sample.shape[2:])} is not divisible by 2^(levels-1) = {factor}"
-            )
+            raise ValueError(f"sample size {tuple(sample.shape[2:])} is not divisible by 2^(levels-1) = {factor}")
         batch = sample.shape[0]
         t = self._timestep(timestep, batch, sample.device).to(sample.dtype)
         labels = self._labels(class_labels, batch, sample.device, sample.dtype)

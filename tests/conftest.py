@@ -1,0 +1,45 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+
+def load_golden(name: str):
+    """(metadata, tensors) of a golden reference file."""
+    with safe_open(str(GOLDEN / name), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def golden_state(tensors: dict) -> dict:
+    return {k[len("state.") :]: v for k, v in tensors.items() if k.startswith("state.")}
+
+
+def golden_config(meta: dict) -> dict:
+    return json.loads(meta["config"])
+
+
+def tiny_unet_config(**overrides):
+    cfg = dict(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        architecture="G",
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_blocks=1,
+        attn_resolutions=(4,),
+        channels_per_head=16,
+        logvar_channels=16,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,165 @@
+"""EDM2UNet2DModel: golden parity, sizes, serialization, forced weight normalization, input checks."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import GOLDEN, golden_config, golden_state, load_golden, tiny_unet_config
+
+from edm2_diffusers import EDM2UNet2DModel
+from edm2_diffusers.convert import from_multigpu, from_official
+from edm2_diffusers.edm import denoise
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+GOLDEN_FILES = [
+    "edm2_official_unet.safetensors",
+    "official_cond_unet.safetensors",
+    "multigpu_unetC.safetensors",
+    "multigpu_unetE.safetensors",
+    "multigpu_unetC_multihead.safetensors",
+    "multigpu_unetE_multihead.safetensors",
+]
+
+
+def convert_golden(name):
+    meta, tensors = load_golden(name)
+    state, config = golden_state(tensors), golden_config(meta)
+    if name.startswith("multigpu"):
+        return from_multigpu(state, config, meta["architecture"]), tensors
+    return from_official(state, config), tensors
+
+
+def assert_parity(ours, ref):
+    err = (ours - ref).abs().max() / ref.abs().max()
+    assert err <= 1e-4, f"max error {err:.3g} relative to the reference's largest magnitude"
+
+
+@pytest.mark.parametrize("name", GOLDEN_FILES)
+def test_golden_parity(name):
+    assert (GOLDEN / name).exists()
+    model, t = convert_golden(name)
+    with torch.no_grad():
+        D, u = denoise(model, t["in.x"], t["in.sigma"], class_labels=t.get("in.class_labels"), return_logvar=True)
+    assert D.shape == t["out.denoised"].shape and u.shape == t["out.logvar"].shape
+    assert_parity(D, t["out.denoised"])
+    assert_parity(u, t["out.logvar"])
+
+
+def test_golden_parity_is_sensitive():
+    """A perturbed weight or a wrong label breaks parity, so the tolerance is meaningful."""
+    model, t = convert_golden("official_cond_unet.safetensors")
+    labels = t["in.class_labels"].roll(1, dims=1)
+    with torch.no_grad():
+        D = denoise(model, t["in.x"], t["in.sigma"], class_labels=labels)
+    assert (D - t["out.denoised"]).abs().max() / t["out.denoised"].abs().max() > 1e-4
+    model, t = convert_golden("multigpu_unetE.safetensors")
+    with torch.no_grad():
+        model.enc["8x8_block0"].attn_qkv.weight.mul_(-1)
+        D = denoise(model, t["in.x"], t["in.sigma"])
+    assert (D - t["out.denoised"]).abs().max() / t["out.denoised"].abs().max() > 1e-4
+
+
+def test_integer_labels_match_one_hot():
+    model, t = convert_golden("official_cond_unet.safetensors")
+    indices = t["in.class_labels"].argmax(dim=1)
+    with torch.no_grad():
+        D = denoise(model, t["in.x"], t["in.sigma"], class_labels=indices)
+    assert_parity(D, t["out.denoised"])
+
+
+EXPECTED_SIZES = {"cifar10": 39_509_888, "cifar100": 39_509_888, "tinyimagenet": 62_414_720}
+
+
+@pytest.mark.parametrize("dataset", sorted(EXPECTED_SIZES))
+@pytest.mark.parametrize("arch", ["C", "E", "G"])
+def test_config_parameter_counts(dataset, arch):
+    cfg = yaml.safe_load((CONFIGS / dataset / f"{arch}.yaml").read_text())
+    with torch.device("meta"):
+        model = EDM2UNet2DModel(**cfg["model"])
+    assert model.config.architecture == arch
+    count = model.num_parameters_without_logvar()
+    if arch in ("C", "E"):
+        assert count == EXPECTED_SIZES[dataset]
+    else:
+        # Config G: same sizes, plus the learned gains and G's narrower first encoder convolutions.
+        assert abs(count - EXPECTED_SIZES[dataset]) / EXPECTED_SIZES[dataset] < 0.01
+
+
+@pytest.mark.parametrize("arch", ["C", "E", "G"])
+def test_save_and_load_roundtrip(tmp_path, arch):
+    model = EDM2UNet2DModel(**tiny_unet_config(architecture=arch, num_class_embeds=3)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 0:
+                p.fill_(0.7)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([-1.0, 0.5]), torch.tensor([0, 2])
+    with torch.no_grad():
+        before = model(x, t, class_labels=y).sample
+    model.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    files = sorted(p.name for p in (tmp_path / "unet").iterdir())
+    assert files == ["config.json", "diffusion_pytorch_model.safetensors"]
+    loaded = EDM2UNet2DModel.from_pretrained(tmp_path / "unet").eval()
+    assert loaded.config.architecture == arch
+    with torch.no_grad():
+        after = loaded(x, t, class_labels=y).sample
+    assert torch.equal(before, after)
+
+
+def test_return_dict_and_logvar_shapes():
+    model = EDM2UNet2DModel(**tiny_unet_config()).eval()
+    x = torch.randn(3, 1, 8, 8)
+    out = model(x, torch.zeros(3), return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == x.shape
+    assert model(x, 0.25).sample.shape == x.shape  # scalar timestep broadcasts
+    assert model.logvar(torch.zeros(3)).shape == (3,)
+    names = [n for n, _ in model.named_parameters() if "logvar" in n]
+    assert names and all(n.startswith("logvar") for n in names)
+
+
+@pytest.mark.parametrize("arch", ["E", "G"])
+def test_forced_weight_normalization(arch):
+    model = EDM2UNet2DModel(**tiny_unet_config(architecture=arch))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.mul_(3.0)
+    weights = {n: p for n, p in model.named_parameters() if p.ndim > 1}
+    before = {n: p.detach().clone() for n, p in weights.items()}
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 1, 8, 8), torch.zeros(2))
+    for n, p in weights.items():
+        assert torch.equal(p, before[n]), f"{n} changed in an eval forward"
+    model.train()
+    model(torch.randn(2, 1, 8, 8), torch.zeros(2)).sample.sum().backward()
+    model.logvar(torch.zeros(2)).sum().backward()
+    for n, p in weights.items():
+        norms = p.detach().flatten(1).norm(dim=1) / math.sqrt(p[0].numel())
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-3), f"{n} is not unit-norm per output channel"
+
+
+def test_config_c_keeps_weights():
+    model = EDM2UNet2DModel(**tiny_unet_config(architecture="C", clip_act=None)).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(2, 1, 8, 8), torch.zeros(2))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="unknown architecture 'F'"):
+        EDM2UNet2DModel(**tiny_unet_config(architecture="F"))
+    with pytest.raises(ValueError, match="sample_size 10 is not divisible"):
+        EDM2UNet2DModel(**tiny_unet_config(sample_size=10, channel_mult=(1, 2, 2)))
+    model = EDM2UNet2DModel(**tiny_unet_config())
+    with pytest.raises(ValueError, match="unconditional model"):
+        model(torch.randn(1, 1, 8, 8), torch.zeros(1), class_labels=torch.tensor([1]))
+    with pytest.raises(ValueError, match="has 3 channels but the model expects in_channels=1"):
+        model(torch.randn(1, 3, 8, 8), torch.zeros(1))
+    cond = EDM2UNet2DModel(**tiny_unet_config(num_class_embeds=4))
+    with pytest.raises(ValueError, match="class label out of range"):
+        cond(torch.randn(2, 1, 8, 8), torch.zeros(2), class_labels=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match=r"one-hot of shape \(N, 4\)"):
+        cond(torch.randn(2, 1, 8, 8), torch.zeros(2), class_labels=torch.zeros(2, 5))
