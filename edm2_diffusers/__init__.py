@@ -3,5 +3,7 @@
 __version__ = "0.1.0"
 
 from .models import EDM2UNet2DModel, EDM2UNet2DOutput
+from .pipelines import EDM2Pipeline
+from .schedulers import EDMHeunScheduler
 
-__all__ = ["EDM2UNet2DModel", "EDM2UNet2DOutput"]
+__all__ = ["EDM2UNet2DModel", "EDM2UNet2DOutput", "EDM2Pipeline", "EDMHeunScheduler"]
