@@ -1,0 +1,272 @@
+"""Evaluate a pipeline: generated-image features against cached reference statistics of a dataset.
+
+The pieces: :func:`reference_stats` (dataset → (μ, Σ), computed once and cached to an ``.npz``),
+:func:`evaluate_pipeline` (images from disjoint seed ranges on every Accelerate process, optionally resumable through a
+feature cache, then the Fréchet distance), and :func:`load_pipeline` (a saved pipeline folder or Hub repo).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .fid import FeatureFrechetDistance, FeatureStats, get_feature_extractor
+from .generation import FeatureCache, iter_generated_features
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationOutput(BaseOutput):
+    """Result of :func:`evaluate_pipeline`.
+
+    Args:
+        fd (`float`): Fréchet distance between generated and reference features (FID for Inception features).
+        num_images (`int`): generated images the distance is computed from.
+        feature_extractor (`str`): name of the extractor.
+        confident (`float`, *optional*): share of images classified with top probability above the threshold (only
+            for classifier extractors such as ``digits``).
+    """
+
+    fd: float
+    num_images: int
+    feature_extractor: str
+    confident: float | None = None
+
+
+def extractor_name(feature_extractor: nn.Module) -> str:
+    return str(getattr(feature_extractor, "name", type(feature_extractor).__name__))
+
+
+def dataset_image_batches(
+    dataset_name: str | None = None,
+    train_data_dir: str | None = None,
+    split: str = "train",
+    dataset_config_name: str | None = None,
+    image_column: str = "image",
+    resolution: int | None = None,
+    channels: int = 3,
+    batch_size: int = 250,
+    max_images: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Real images of a dataset as (N, C, H, W) float batches in [0, 1], through the training data code.
+
+    Args:
+        dataset_name (`str`, *optional*): a Hub dataset, or ``"digits"`` for scikit-learn's digits (offline).
+        train_data_dir (`str`, *optional*): a local image folder instead.
+        split (`str`): dataset split.
+        dataset_config_name (`str`, *optional*): Hub dataset configuration.
+        image_column (`str`): column holding the images.
+        resolution (`int`, *optional*): resize and centre-crop to this size (as in training).
+        channels (`int`): 1 or 3.
+        batch_size (`int`): images per yielded batch.
+        max_images (`int`, *optional*): stop after this many images.
+    """
+    from ..training.data import EDM2ImageDataset, load_train_dataset
+
+    if dataset_name in ("digits", "sklearn_digits"):
+        cfg = {"source": "sklearn_digits"}
+        image_column = "image"
+    elif train_data_dir:
+        cfg = {"source": "imagefolder", "train_data_dir": train_data_dir, "dataset_split": split}
+    elif dataset_name:
+        cfg = {"source": "hub", "dataset_name": dataset_name, "dataset_config_name": dataset_config_name}
+        cfg["dataset_split"] = split
+    else:
+        raise ValueError(
+            "reference statistics need a dataset: give --dataset_name (Hub or 'digits') or --train_data_dir"
+        )
+    ds = load_train_dataset(cfg)
+    if image_column not in ds.column_names:
+        raise ValueError(f"the dataset has no image column {image_column!r}; its columns are {ds.column_names}")
+    images = EDM2ImageDataset(ds, image_column, None, resolution=resolution, channels=channels)
+    total = len(images) if max_images is None else min(len(images), max_images)
+    for start in range(0, total, batch_size):
+        items = images.__getitems__(list(range(start, min(start + batch_size, total))))
+        yield (torch.stack([it["pixel_values"] for it in items]) + 1) / 2
+
+
+@torch.no_grad()
+def compute_reference_stats(
+    image_batches: Iterable[torch.Tensor], feature_extractor: nn.Module, device: torch.device | str = "cpu"
+) -> FeatureStats:
+    """Feature statistics of real images given as (N, C, H, W) batches in [0, 1]."""
+    metric = FeatureFrechetDistance(feature_extractor).to(device)
+    for batch in image_batches:
+        metric.update(batch.to(device), real=True)
+    stats = metric.real_stats()
+    stats.feature_extractor = extractor_name(feature_extractor)
+    return stats
+
+
+def reference_stats(
+    path: str | None,
+    feature_extractor: nn.Module,
+    image_batches=None,
+    accelerator=None,
+) -> FeatureStats:
+    """Reference statistics: read from ``path`` if it exists, else computed once and written there.
+
+    With several processes, only the main process computes and writes; the others wait and read the file.
+
+    Args:
+        path (`str`, *optional*): the ``.npz`` cache; ``None`` computes without caching.
+        feature_extractor (`nn.Module`): the extractor (its ``name`` is stored and checked).
+        image_batches (callable returning an iterable of batches, *optional*): the real images, only called when
+            the statistics must be computed. For the ``digits`` extractor it defaults to scikit-learn's digits.
+        accelerator (`accelerate.Accelerator`, *optional*): for multi-process runs.
+    """
+    name = extractor_name(feature_extractor)
+    if path is not None and os.path.isfile(path):
+        return FeatureStats.load(path, feature_extractor=name)
+    if image_batches is None:
+        if name != "digits":
+            raise ValueError(
+                "no reference statistics: pass --ref_stats FILE of an earlier run, or a dataset to compute them from"
+            )
+        from .digits import load_digits_split
+
+        def image_batches():
+            return [load_digits_split("all")[0]]
+
+    device = accelerator.device if accelerator is not None else "cpu"
+    is_main = accelerator is None or accelerator.is_main_process
+    if path is None:
+        return compute_reference_stats(image_batches(), feature_extractor, device)
+    if is_main:
+        stats = compute_reference_stats(image_batches(), feature_extractor, device)
+        stats.save(path)
+        logger.info("reference statistics of %d images written to %s", stats.num_samples, path)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return FeatureStats.load(path, feature_extractor=name)
+
+
+def evaluate_pipeline(
+    pipeline,
+    feature_extractor: str | nn.Module,
+    reference: FeatureStats,
+    num_images: int,
+    batch_size: int = 64,
+    num_inference_steps: int = 18,
+    seed: int = 0,
+    accelerator=None,
+    cache_dir: str | None = None,
+    cache_settings: dict | None = None,
+    class_labels=None,
+    confidence_threshold: float = 0.9,
+    progress: bool = True,
+    **pipeline_kwargs,
+) -> EvaluationOutput:
+    """Generate ``num_images`` images over all processes and measure their Fréchet distance to ``reference``.
+
+    Args:
+        pipeline (`EDM2Pipeline`): the generator.
+        feature_extractor (`str` or `nn.Module`): ``"inception"``, ``"digits"`` or a module (see :mod:`.fid`).
+        reference (`FeatureStats`): statistics of the real data (see :func:`reference_stats`).
+        num_images (`int`): images in total (50,000 for the standard FID).
+        batch_size (`int`): images per batch and process.
+        num_inference_steps (`int`): sampler steps (EDM2 uses 18 Heun steps for 32×32 images).
+        seed (`int`): seed of image 0; image i uses seed + i (see :func:`.generation.seed_ranges`).
+        accelerator (`accelerate.Accelerator`, *optional*): multi-process generation; ``None`` runs on the CPU.
+        cache_dir (`str`, *optional*): per-batch feature cache making the run resumable.
+        cache_settings (`dict`, *optional*): what identifies the model in the cache (e.g. its path); the generation
+            settings are added automatically.
+        class_labels (*optional*): passed to the pipeline; ``None`` draws random classes for conditional models.
+        confidence_threshold (`float`): threshold of the ``confident`` share for classifier extractors.
+        progress (`bool`): show a progress bar.
+        **pipeline_kwargs: further pipeline arguments (e.g. ``guidance_scale``).
+    """
+    if num_images < 2:
+        raise ValueError(f"num_images must be at least 2 for a covariance, got {num_images}")
+    extractor = get_feature_extractor(feature_extractor)
+    name = extractor_name(extractor)
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    metric = FeatureFrechetDistance(extractor).to(device)
+    metric.set_reference_stats(reference)
+    cache = None
+    if cache_dir is not None:
+        settings = dict(cache_settings or {})
+        settings.update(
+            batch_size=batch_size,
+            num_inference_steps=num_inference_steps,
+            seed=seed,
+            feature_extractor=name,
+            num_features=int(extractor.num_features),
+            class_labels=None if class_labels is None else torch.as_tensor(class_labels).tolist(),
+            pipeline_kwargs=pipeline_kwargs,
+        )
+        cache = FeatureCache(cache_dir, settings, accelerator is None or accelerator.is_main_process)
+    confident = torch.zeros(2, dtype=torch.float64)  # [confident count, images with probabilities]
+    for _, arrays in iter_generated_features(
+        pipeline,
+        extractor,
+        num_images,
+        batch_size,
+        num_inference_steps,
+        seed,
+        accelerator,
+        cache,
+        class_labels,
+        progress,
+        **pipeline_kwargs,
+    ):
+        metric.update(features=torch.from_numpy(arrays["features"]))
+        if "max_prob" in arrays:
+            probs = torch.from_numpy(arrays["max_prob"]).double()
+            confident += torch.stack([(probs > confidence_threshold).sum(), torch.tensor(len(probs))]).double()
+    metric.reduce_fake(accelerator)
+    if accelerator is not None and accelerator.num_processes > 1:
+        confident = accelerator.reduce(confident.to(device), reduction="sum").cpu()
+    n = int(metric.fake_features_num_samples)
+    if n != num_images:
+        raise RuntimeError(f"generated {n} images but {num_images} were requested")
+    return EvaluationOutput(
+        fd=metric.frechet_distance(),
+        num_images=n,
+        feature_extractor=name,
+        confident=float(confident[0] / confident[1]) if confident[1] > 0 else None,
+    )
+
+
+def load_pipeline(path: str, subfolder: str | None = None, torch_dtype: torch.dtype | None = None):
+    """An ``EDM2Pipeline`` saved with ``save_pretrained``: a local folder or a Hub repo, optionally in a subfolder.
+
+    Args:
+        path (`str`): folder or Hub repo id.
+        subfolder (`str`, *optional*): the pipeline's folder inside ``path`` (e.g. one EMA length of an export).
+        torch_dtype (`torch.dtype`, *optional*): load the networks in this dtype.
+    """
+    from ..pipelines import EDM2Pipeline
+
+    if os.path.isdir(path):
+        folder = os.path.join(path, subfolder) if subfolder else path
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise FileNotFoundError(f"{folder!r} holds no saved pipeline (model_index.json is missing)")
+    elif os.path.exists(path):
+        raise ValueError(f"--pipeline {path!r} is a file; give a pipeline folder or a Hub repo id")
+    else:
+        from huggingface_hub import snapshot_download
+
+        patterns = [f"{subfolder.strip('/')}/**"] if subfolder else None
+        folder = snapshot_download(path, allow_patterns=patterns)
+        if subfolder:
+            folder = os.path.join(folder, subfolder)
+    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    return EDM2Pipeline.from_pretrained(folder, **kwargs)
+
+
+__all__ = [
+    "EvaluationOutput",
+    "compute_reference_stats",
+    "dataset_image_batches",
+    "evaluate_pipeline",
+    "load_pipeline",
+    "reference_stats",
+]
