@@ -235,14 +235,15 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
             sample (`torch.Tensor`): noisy sample x. model_output (`torch.Tensor`): F (or D for ``"sample"``).
             sigma (`float` or `torch.Tensor`): noise level of x.
         """
+        dtype = torch.promote_types(sample.dtype, torch.float32)
         if self.config.prediction_type == "sample":
-            return model_output
+            return model_output.to(dtype)
         c = edm_precondition(sigma, self.config.sigma_data)
-        c_skip = c.c_skip.to(sample.device, torch.float32)
-        c_out = c.c_out.to(sample.device, torch.float32)
+        c_skip = c.c_skip.to(sample.device, dtype)
+        c_out = c.c_out.to(sample.device, dtype)
         if self.config.prediction_type == "v_prediction":
             c_out = -c_out
-        return c_skip * sample + c_out * model_output.to(torch.float32)
+        return c_skip * sample.to(dtype) + c_out * model_output.to(dtype)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor) -> torch.Tensor:
         """c_in·x at the noise level of the current evaluation.
@@ -285,7 +286,7 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("the sampler has already finished; call set_timesteps again to sample anew")
         i = k // 2
         out_dtype = sample.dtype
-        x = sample.to(torch.float32)
+        x = sample.to(torch.promote_types(sample.dtype, torch.float32))  # at least float32 for the update
         sigma = float(self._eval_sigmas[k])
         denoised = self.precondition_outputs(x, model_output, sigma)
         d = (x - denoised) / sigma  # dx/dσ of the probability-flow ODE (Algorithm 2, lines 7 and 10)
