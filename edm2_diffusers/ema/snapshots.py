@@ -35,13 +35,13 @@ DTYPES = {
 }
 
 
-def resolve_dtype(dtype) -> torch.dtype:
+def resolve_dtype(dtype, name: str = "snapshot dtype") -> torch.dtype:
     """Map `"float32"`/`"float16"`/`"bfloat16"` (or a `torch.dtype`) to the `torch.dtype` snapshots are stored in."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise ValueError(f"unsupported snapshot dtype {dtype!r}; choose one of {sorted(set(DTYPES))}")
+    raise ValueError(f"unsupported {name} {dtype!r}; choose one of {sorted(set(DTYPES))}")
 
 
 def snapshot_filename(step: int, std: float) -> str:

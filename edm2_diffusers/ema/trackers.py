@@ -63,7 +63,7 @@ def _averaged_copy(model: torch.nn.Module) -> torch.nn.Module:
     else:
         net = copy.deepcopy(model)
     device = next(model.parameters()).device
-    net = net.to(device=device, dtype=torch.float32).requires_grad_(False).eval()
+    net = net.float().to(device).requires_grad_(False).eval()
     src = dict(model.named_parameters())
     for name, p in net.named_parameters():
         p.copy_(src[name])
@@ -160,7 +160,7 @@ class PowerFunctionEMA(_EMATracker):
         self.stds = stds
         self.count_by = count_by
         self.snapshot_every_steps = _non_negative_int("ema.snapshot_every_steps", snapshot_every_steps)
-        self.snapshot_dtype = resolve_dtype(snapshot_dtype)
+        self.snapshot_dtype = resolve_dtype(snapshot_dtype, "ema.snapshot_dtype")
         self.time = 0.0  # EMA clock after the last update (images or steps, see count_by)
         self.emas = [_averaged_copy(self.model) for _ in stds]
         self._checked_dirs: set[str] = set()
