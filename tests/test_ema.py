@@ -331,6 +331,28 @@ def test_state_dict_round_trip_resumes_exactly(run, tmp_path):
         resumed.update(cur_nimg=BATCH, batch_size=BATCH)
 
 
+def test_accelerate_checkpoint_restores_ema(tmp_path):
+    from accelerate import Accelerator
+
+    net = torch.nn.Linear(3, 3)
+    accelerator = Accelerator(cpu=True)
+    ema = build_ema(net, {"stds": [0.05, 0.10]})
+    accelerator.register_for_checkpointing(ema)
+    for step in range(1, 4):
+        with torch.no_grad():
+            net.weight.add_(torch.randn_like(net.weight))
+        ema.update(cur_nimg=8 * step, batch_size=8)
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    saved = [params_of(m).clone() for _, m in ema.averaged_models()]
+    with torch.no_grad():
+        net.weight.add_(5.0)
+    ema.update(cur_nimg=32, batch_size=8)
+    assert not torch.equal(params_of(ema.emas[0]), saved[0])
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    assert (ema.time, ema.num_updates) == (24.0, 3)
+    assert all(torch.equal(params_of(m), s) for (_, m), s in zip(ema.averaged_models(), saved))
+
+
 def test_float16_snapshots(run, tmp_path):
     paths = run["ema"].save_snapshots(str(tmp_path), step=STEPS, nimg=STEPS * BATCH, dtype="float16")
     assert [os.path.basename(p) for p in paths] == [
