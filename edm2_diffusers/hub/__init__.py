@@ -1,0 +1,36 @@
+"""Export post-hoc EMA variants as diffusers pipelines, write their model cards, push them to the Hub, load them."""
+
+from .export import (
+    ExportResult,
+    check_export,
+    default_stds,
+    export_pipelines,
+    export_run,
+    parse_stds,
+    read_sweep,
+    variant_folder,
+)
+from .loading import load_pipeline
+from .model_card import build_model_card, read_export_info, template_text
+from .push import push_to_hub, resolve_repo_id
+from .remote_code import BundleError, bundle_module, write_custom_code
+
+__all__ = [
+    "BundleError",
+    "ExportResult",
+    "build_model_card",
+    "bundle_module",
+    "check_export",
+    "default_stds",
+    "export_pipelines",
+    "export_run",
+    "load_pipeline",
+    "parse_stds",
+    "push_to_hub",
+    "read_export_info",
+    "read_sweep",
+    "resolve_repo_id",
+    "template_text",
+    "variant_folder",
+    "write_custom_code",
+]
