@@ -8,6 +8,7 @@ served by stand-in modules that exist only while a pickle is written (or while a
 
 import contextlib
 import io
+import json
 import os
 import pickle
 import shlex
@@ -485,3 +486,124 @@ def test_lookalike_persistence_function_is_refused():
         blob = pickle.dumps(Payload(persistence._src_to_module, "import os"))
     with pytest.raises(UnsafePickleError, match=r"'torch_utils\.persistence\._src_to_module'"):
         load_official_pickle(io.BytesIO(blob))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pipelines from official pickles, through the example script.
+
+
+def _load_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "convert_official.py"
+    spec = importlib.util.spec_from_file_location("convert_official_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _random_unet(seed, **overrides):
+    torch.manual_seed(seed)
+    model = EDM2UNet2DModel(**tiny_unet_config(**overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model
+
+
+def _write_pickle(path, model, encoder=None):
+    state, config = to_official(model)
+    path.write_bytes(dump_official(snapshot(build_precond(state, config), encoder)))
+    return path
+
+
+def test_script_converts_a_guided_class_conditional_pair(tmp_path):
+    from edm2_diffusers import EDM2Pipeline, EDMHeunScheduler
+
+    main, guide = _random_unet(0, num_class_embeds=5), _random_unet(1, model_channels=8)
+    main_pkl, guide_pkl = _write_pickle(tmp_path / "main.pkl", main), _write_pickle(tmp_path / "guide.pkl", guide)
+    out = tmp_path / "pipe"
+    script = _load_script()
+    args = [str(main_pkl), str(out), "--guidance", str(guide_pkl), "--guidance_scale", "1.7"]
+    assert script.main(args) == out
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "guidance_unet" / "diffusion_pytorch_model.safetensors").is_file()
+    info = json.loads((out / "conversion.json").read_text())
+    assert info["guidance_scale"] == 1.7 and info["source"] == "main.pkl" and info["guidance_source"] == "guide.pkl"
+    assert info["official_config"]["label_dim"] == 5 and "guidance_scale=1.7" in (out / "README.md").read_text()
+
+    loaded = EDM2Pipeline.from_pretrained(out)
+    reference = EDM2Pipeline(unet=main, scheduler=EDMHeunScheduler(), guidance_unet=guide)
+    for pipe in (loaded, reference):
+        pipe.set_progress_bar_config(disable=True)
+    kw = dict(batch_size=2, num_inference_steps=3, class_labels=[1, 4], guidance_scale=1.7, output_type="np")
+    a = loaded(generator=torch.Generator().manual_seed(0), **kw).images
+    b = reference(generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(a - b).max() <= 1e-5
+
+    before = (out / "model_index.json").read_text()
+    with pytest.raises(FileExistsError, match="not empty"):
+        script.main([str(main_pkl), str(out)])
+    assert (out / "model_index.json").read_text() == before and (out / "guidance_unet").is_dir()
+    script.main([str(main_pkl), str(out), "--overwrite"])
+    index = json.loads((out / "model_index.json").read_text())
+    assert not (out / "guidance_unet").exists() and index["guidance_unet"] == [None, None]
+    with pytest.raises(SystemExit):
+        script.parse_args([str(main_pkl), str(out), "--guidance", str(guide_pkl)])
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+    ).eval()
+
+
+def test_latent_network_with_and_without_vae(tmp_path):
+    from edm2_diffusers import EDM2Pipeline
+    from edm2_diffusers.convert.official_pickle import convert_official_pipeline, save_converted_pipeline
+
+    model = _random_unet(0, in_channels=4, out_channels=4)
+    pkl = _write_pickle(tmp_path / "latent.pkl", model, StabilityVAEEncoder())
+    vae_dir = tmp_path / "vae"
+    _tiny_vae().save_pretrained(vae_dir)
+
+    with_vae = save_converted_pipeline(convert_official_pipeline(pkl, vae=vae_dir), tmp_path / "with")
+    pipe = EDM2Pipeline.from_pretrained(with_vae)
+    assert pipe.vae is not None and pipe.config.latent_std == pytest.approx([4.17, 4.62, 3.71, 3.28], abs=1e-6)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
+    without = save_converted_pipeline(convert_official_pipeline(pkl), tmp_path / "without")
+    readme = (without / "README.md").read_text()
+    assert 'AutoencoderKL.from_pretrained("stabilityai/sd-vae-ft-mse")' in readme
+    pipe = EDM2Pipeline.from_pretrained(without, vae=_tiny_vae())
+    assert pipe.config.latent_mean == pytest.approx([5.81, 3.25, 0.12, -2.15], abs=1e-6)
+    assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+
+
+def test_pipeline_conversion_errors(tmp_path):
+    from edm2_diffusers.convert.official_pickle import convert_official_pipeline, save_converted_pipeline
+
+    pkl = _write_pickle(tmp_path / "pixel.pkl", _random_unet(0))
+    with pytest.raises(ValueError, match="together"):
+        convert_official_pipeline(pkl, guidance_pickle=pkl)
+    with pytest.raises(ValueError, match="works on pixels"):
+        convert_official_pipeline(pkl, vae=_tiny_vae())
+    latent_guide = _write_pickle(tmp_path / "latent.pkl", _random_unet(1), StabilityVAEEncoder())
+    with pytest.raises(ValueError, match="latent space"):
+        convert_official_pipeline(pkl, guidance_pickle=latent_guide, guidance_scale=2.0)
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a pipeline folder"):
+        save_converted_pipeline(convert_official_pipeline(pkl), unrelated, overwrite=True)
+    assert (unrelated / "keep.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 3
