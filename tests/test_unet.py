@@ -163,3 +163,39 @@ def test_bad_input_errors():
         cond(torch.randn(2, 1, 8, 8), torch.zeros(2), class_labels=torch.tensor([0, 4]))
     with pytest.raises(ValueError, match=r"one-hot of shape \(N, 4\)"):
         cond(torch.randn(2, 1, 8, 8), torch.zeros(2), class_labels=torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("arch", ["C", "G"])
+def test_fused_attention_matches_explicit_formula(arch):
+    from edm2_diffusers.models.layers import normalize, rms_normalize
+
+    block = EDM2UNet2DModel(**tiny_unet_config(architecture=arch, channels_per_head=8)).enc["4x4_block0"].eval()
+    x = torch.randn(2, 32, 4, 4)
+    with torch.no_grad():
+        fused = block._attention(x)
+        qkv = block.attn_qkv(x).reshape(2, block.num_heads, 32 // block.num_heads, 3, 16)
+        qkv = normalize(qkv, dim=2) if arch == "G" else rms_normalize(qkv, dim=2)
+        q, k, v = qkv.unbind(3)
+        w = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
+        explicit = block.attn_proj(torch.einsum("nhqk,nhck->nhcq", w, v).reshape(2, 32, 4, 4))
+    assert (fused - explicit).abs().max() <= 1e-5
+
+
+def test_inference_weight_cache_is_refreshed():
+    model = EDM2UNet2DModel(**tiny_unet_config(architecture="E")).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.zeros(2)
+    with torch.no_grad():
+        first = model(x, t).sample
+        assert torch.equal(first, model(x, t).sample)
+        layer = model.out_conv
+        assert layer.effective_weight() is layer.effective_weight()  # cached, not recomputed
+        layer.weight.mul_(-1)  # in-place change
+        flipped = model(x, t).sample
+    assert not torch.equal(first, flipped)
+    other = EDM2UNet2DModel(**tiny_unet_config(architecture="E"))
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x, t).sample, other.eval()(x, t).sample)
+    # Gradients still reach the weights outside no_grad, even in eval mode.
+    model(x, t).sample.sum().backward()
+    assert model.out_conv.weight.grad is not None

@@ -113,6 +113,9 @@ class WeightLayer(nn.Module):
     With ``weight_norm`` (Config E and G) this is the MP layer of Eq. 47 with forced weight normalization (Eq. 66):
     in training the stored weight is first re-normalized in place, then every forward uses
     ``normalize(w) · gain / sqrt(fan_in)``. Without it (Config C) the weight is used as stored.
+
+    Outside autograd (inference) the effective weight is computed once and cached; the cache is keyed on the
+    parameters' identity and version counters, so ``train()``, ``load_state_dict`` or any in-place change refreshes it.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel=(), weight_norm: bool = True):
@@ -123,8 +126,9 @@ class WeightLayer(nn.Module):
             nn.init.normal_(self.weight)
         else:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # torch's default for Conv2d / Linear
+        self._cached = (None, None)  # (key, weight); a tuple so the tensor stays out of state_dict()
 
-    def effective_weight(self, gain=None) -> torch.Tensor:
+    def _compute_weight(self, gain) -> torch.Tensor:
         w = self.weight.to(torch.float32)
         if not self.weight_norm:
             return w if gain is None else w * gain
@@ -135,11 +139,35 @@ class WeightLayer(nn.Module):
         scale = 1 / math.sqrt(w[0].numel())
         return w * (scale if gain is None else gain * scale)
 
+    def effective_weight(self, gain=None, dtype=torch.float32) -> torch.Tensor:
+        """The weight a forward pass uses: normalized and scaled for E/G, times ``gain`` when given."""
+        if self.training or (torch.is_grad_enabled() and (self.weight.requires_grad or _requires_grad(gain))):
+            self._cached = (None, None)
+            return self._compute_weight(gain).to(dtype)
+        key = (_version_key(self.weight), _version_key(gain), dtype)
+        if key != self._cached[0]:
+            self._cached = (key, self._compute_weight(gain).to(dtype))
+        return self._cached[1]
+
+    def train(self, mode: bool = True):
+        self._cached = (None, None)
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor, gain=None) -> torch.Tensor:
-        w = self.effective_weight(gain).to(x.dtype)
+        w = self.effective_weight(gain, x.dtype)
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+def _requires_grad(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
+def _version_key(t):
+    if not isinstance(t, torch.Tensor):
+        return t
+    return (id(t), t.data_ptr(), t._version, t.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,10 +235,10 @@ class UNetBlock(nn.Module):
             qkv = normalize(qkv, dim=2)  # cosine attention (pixel norm per head)
         else:
             qkv = rms_normalize(qkv, dim=2)
-        q, k, v = qkv.unbind(3)
-        attn = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
-        y = torch.einsum("nhqk,nhck->nhcq", attn, v)
-        return self.attn_proj(y.reshape(n, c, h, w))
+        q, k, v = qkv.transpose(2, 4).unbind(3)  # each (n, heads, h·w, channels per head)
+        # softmax(q·kᵀ/√d)·v, fused; matches the explicit formula within 1e-5 (tests/test_unet.py).
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.attn_proj(y.transpose(2, 3).reshape(n, c, h, w))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.architecture == "G":
