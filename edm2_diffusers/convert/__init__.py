@@ -2,6 +2,13 @@
 
 from .multigpu import from_multigpu, multigpu_to_config
 from .official import config_to_official, from_official, official_to_config, to_official
+from .official_pickle import (
+    UnsafePickleError,
+    convert_official_pipeline,
+    load_official_network,
+    load_official_pickle,
+    save_converted_pipeline,
+)
 
 __all__ = [
     "from_official",
@@ -10,4 +17,9 @@ __all__ = [
     "config_to_official",
     "from_multigpu",
     "multigpu_to_config",
+    "load_official_pickle",
+    "load_official_network",
+    "UnsafePickleError",
+    "convert_official_pipeline",
+    "save_converted_pipeline",
 ]
