@@ -1,0 +1,301 @@
+"""Training data through Hugging Face ``datasets``: Hub datasets, local image folders, in-memory datasets and the
+8×8 handwritten digits that scikit-learn ships (the offline quickstart).
+
+Images become float tensors in [-1, 1] with numpy and PIL only (no torchvision). Random horizontal flips are applied
+per batch in the training loop (:func:`random_flip`) from a seeded generator, so a resumed run sees the same flips.
+
+A corrupt image file in a local image folder stops the run before training, naming the file: silently training on
+fewer images would change the run without anyone noticing.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+DIGITS_IMAGE_COLUMN = "image"
+DIGITS_LABEL_COLUMN = "label"
+
+
+def load_digits_dataset():
+    """scikit-learn's 1,797 8×8 UCI handwritten digits as an in-memory ``datasets.Dataset``.
+
+    Pixel values 0..16 become 8-bit grey levels round(v·255/16) in column ``image`` (PIL images); the digit is in
+    ``label`` (a ``ClassLabel`` with names "0".."9"). Nothing is downloaded: the data ship with scikit-learn.
+    """
+    import datasets
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    features = datasets.Features(
+        {
+            DIGITS_IMAGE_COLUMN: datasets.Image(),
+            DIGITS_LABEL_COLUMN: datasets.ClassLabel(names=[str(i) for i in range(10)]),
+        }
+    )
+    return datasets.Dataset.from_dict(
+        {
+            DIGITS_IMAGE_COLUMN: [Image.fromarray(p, mode="L") for p in pixels],
+            DIGITS_LABEL_COLUMN: digits.target.astype(np.int64).tolist(),
+        },
+        features=features,
+    )
+
+
+def resolve_source(data_cfg: dict, dataset=None) -> str:
+    """Which kind of data ``data_cfg`` names: ``memory``, ``sklearn_digits``, ``imagefolder`` or ``hub``."""
+    if dataset is not None:
+        return "memory"
+    source = data_cfg.get("source")
+    if source == "memory":
+        raise ValueError("data.source is 'memory' but no in-memory dataset was passed to train(dataset=...)")
+    if source is not None:
+        return source
+    if data_cfg.get("train_data_dir"):
+        return "imagefolder"
+    if data_cfg.get("dataset_name"):
+        return "hub"
+    raise ValueError("no training data: give --dataset_name (Hub), --train_data_dir (image folder) or data.source")
+
+
+def load_train_dataset(data_cfg: dict, dataset=None):
+    """Load the training split named by the ``data`` config section.
+
+    Args:
+        data_cfg (`dict`): the ``data`` section (see :data:`edm2_diffusers.training.config.SCHEMA`).
+        dataset (`datasets.Dataset`, *optional*): an in-memory dataset to use as is.
+
+    Returns:
+        `datasets.Dataset`: the (map-style) training dataset.
+    """
+    import datasets
+
+    source = resolve_source(data_cfg, dataset)
+    if source == "memory":
+        ds = dataset
+    elif source == "sklearn_digits":
+        ds = load_digits_dataset()
+    elif source == "imagefolder":
+        folder = data_cfg.get("train_data_dir")
+        if not folder:
+            raise ValueError("data.source is 'imagefolder' but no --train_data_dir was given")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--train_data_dir {folder!r} is not a directory")
+        ds = datasets.load_dataset(
+            "imagefolder",
+            data_dir=folder,
+            split=data_cfg.get("dataset_split") or "train",
+            cache_dir=data_cfg.get("cache_dir"),
+        )
+    elif source == "hub":
+        if not data_cfg.get("dataset_name"):
+            raise ValueError("data.source is 'hub' but no --dataset_name was given")
+        ds = datasets.load_dataset(
+            data_cfg["dataset_name"],
+            data_cfg.get("dataset_config_name"),
+            split=data_cfg.get("dataset_split") or "train",
+            cache_dir=data_cfg.get("cache_dir"),
+        )
+    else:
+        raise ValueError(f"unknown data.source {source!r}")
+    if isinstance(ds, datasets.DatasetDict):
+        raise ValueError(f"expected one split, got a DatasetDict with splits {list(ds)}; set data.dataset_split")
+    if not isinstance(ds, datasets.Dataset):
+        raise ValueError(f"expected a map-style datasets.Dataset, got {type(ds).__name__} (streaming is unsupported)")
+    return ds
+
+
+def _columns_for(source: str, data_cfg: dict) -> tuple[str, str | None]:
+    if source == "sklearn_digits":
+        return DIGITS_IMAGE_COLUMN, data_cfg.get("label_column")
+    return data_cfg.get("image_column") or "image", data_cfg.get("label_column")
+
+
+def _open_encoded(value) -> tuple[Image.Image, str]:
+    """Open an undecoded ``datasets.Image`` value ({"bytes", "path"}) lazily; return the image and a name for it."""
+    path = value.get("path")
+    name = path or "<in-memory image>"
+    if value.get("bytes") is not None:
+        return Image.open(io.BytesIO(value["bytes"])), name
+    if path is None:
+        raise ValueError("an image entry holds neither bytes nor a path")
+    return Image.open(path), name
+
+
+def check_dataset(ds, data_cfg: dict, model_cfg: dict, source: str) -> int:
+    """Fail fast on data the model cannot train on; return the image resolution used for training.
+
+    Checks that the image column exists and holds images, that the label column is given exactly when the model is
+    class-conditional and holds class ids in range, that images have one size (or ``resolution`` is set) matching the
+    model's ``sample_size``, and that every file of a local image folder opens.
+
+    Raises:
+        ValueError: naming the problem (and the file, for a corrupt image).
+    """
+    import datasets
+
+    image_column, label_column = _columns_for(source, data_cfg)
+    if image_column not in ds.column_names:
+        raise ValueError(
+            f"the dataset has no image column {image_column!r}; its columns are {ds.column_names} (set --image_column)"
+        )
+    feature = ds.features[image_column]
+    if not isinstance(feature, datasets.Image):
+        raise ValueError(f"column {image_column!r} does not hold images (its feature is {feature})")
+    if len(ds) == 0:
+        raise ValueError("the training dataset is empty")
+
+    num_classes = model_cfg.get("num_class_embeds")
+    if label_column is not None and not num_classes:
+        raise ValueError(
+            f"label column {label_column!r} was given but the model is unconditional (model.num_class_embeds is "
+            "null): set model.num_class_embeds for a class-conditional model, or drop --label_column"
+        )
+    if num_classes and label_column is None:
+        raise ValueError(
+            f"the model is class-conditional (model.num_class_embeds={num_classes}) but no label column was given "
+            "(set --label_column)"
+        )
+    if label_column is not None:
+        if label_column not in ds.column_names:
+            raise ValueError(f"the dataset has no label column {label_column!r}; its columns are {ds.column_names}")
+        labels = np.asarray(ds[label_column])
+        if labels.dtype.kind not in "iu":
+            raise ValueError(f"label column {label_column!r} must hold integer class ids, got dtype {labels.dtype}")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(
+                f"label column {label_column!r} holds ids in [{labels.min()}, {labels.max()}] but the model has "
+                f"{num_classes} classes (model.num_class_embeds)"
+            )
+
+    in_channels = model_cfg.get("in_channels", 3)
+    if in_channels not in (1, 3):
+        raise ValueError(f"image data needs a model with 1 or 3 input channels, got in_channels={in_channels}")
+
+    resolution = data_cfg.get("resolution")
+    verify = source == "imagefolder"
+    sizes: set[tuple[int, int]] = set()
+    if resolution is None or verify:
+        raw = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+        for batch in raw.iter(batch_size=1024):
+            for value in batch[image_column]:
+                try:
+                    img, name = _open_encoded(value)
+                    sizes.add(img.size)
+                    if verify:
+                        img.verify()
+                except Exception as err:  # PIL raises many types for broken files
+                    where = value.get("path") or "<in-memory image>"
+                    raise ValueError(
+                        f"cannot read image {where!r}: {err}. Corrupt files stop the run; remove or repair it"
+                    ) from None
+    if resolution is None:
+        if len(sizes) > 1:
+            shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:5])
+            raise ValueError(
+                f"the images have {len(sizes)} different sizes ({shown}{', ...' if len(sizes) > 5 else ''}); "
+                "pass --resolution to resize and centre-crop them to one size"
+            )
+        width, height = sizes.pop()
+        if width != height:
+            raise ValueError(f"the images are {width}x{height}, not square; pass --resolution to centre-crop them")
+        resolution = width
+    sample_size = model_cfg.get("sample_size")
+    if sample_size is not None and resolution != sample_size:
+        raise ValueError(
+            f"training resolution {resolution} does not match the model's sample_size {sample_size} "
+            "(set --resolution or model.sample_size)"
+        )
+    return resolution
+
+
+def image_to_array(image: Image.Image, resolution: int | None, channels: int) -> np.ndarray:
+    """PIL image → float32 array (C, H, W) in [-1, 1]; resized (shorter side) and centre-cropped to ``resolution``."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    if resolution is not None and image.size != (resolution, resolution):
+        w, h = image.size
+        scale = resolution / min(w, h)
+        new_size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+        image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
+        left = (new_size[0] - resolution) // 2
+        top = (new_size[1] - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return array.transpose(2, 0, 1) / 127.5 - 1.0
+
+
+class EDM2ImageDataset(torch.utils.data.Dataset):
+    """A map-style torch dataset over a ``datasets.Dataset``: ``{"pixel_values", "class_labels"?, "index"}``.
+
+    Args:
+        hf_dataset (`datasets.Dataset`): the source.
+        image_column (`str`), label_column (`str`, *optional*): columns to read.
+        resolution (`int`, *optional*): resize/crop size; ``None`` keeps images as stored.
+        channels (`int`): 1 (grey) or 3 (RGB).
+    """
+
+    def __init__(self, hf_dataset, image_column: str, label_column: str | None, resolution: int | None, channels: int):
+        columns = [image_column] + ([label_column] if label_column else [])
+        self.dataset = hf_dataset.select_columns(columns)
+        self.image_column = image_column
+        self.label_column = label_column
+        self.resolution = resolution
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _item(self, image, label, index: int) -> dict:
+        item = {
+            "pixel_values": torch.from_numpy(image_to_array(image, self.resolution, self.channels)),
+            "index": index,
+        }
+        if self.label_column:
+            item["class_labels"] = int(label)
+        return item
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.dataset[int(index)]
+        return self._item(row[self.image_column], row.get(self.label_column), int(index))
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        # Batched read: one Arrow access per batch instead of one per image.
+        rows = self.dataset[[int(i) for i in indices]]
+        labels = rows[self.label_column] if self.label_column else [None] * len(indices)
+        return [self._item(img, lab, int(i)) for img, lab, i in zip(rows[self.image_column], labels, indices)]
+
+
+def build_image_dataset(ds, data_cfg: dict, model_cfg: dict, source: str, resolution: int) -> EDM2ImageDataset:
+    """The torch dataset the training loop reads, from a checked ``datasets.Dataset``."""
+    image_column, label_column = _columns_for(source, data_cfg)
+    return EDM2ImageDataset(
+        ds, image_column, label_column, resolution=resolution, channels=model_cfg.get("in_channels", 3)
+    )
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image horizontally with probability ½, drawing from ``generator``."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+__all__ = [
+    "EDM2ImageDataset",
+    "build_image_dataset",
+    "check_dataset",
+    "image_to_array",
+    "load_digits_dataset",
+    "load_train_dataset",
+    "random_flip",
+    "resolve_source",
+]

@@ -1,0 +1,85 @@
+"""The EDM2 training loss (EDM2 paper, Eq. 21): denoising loss weighted by λ(σ), with learned uncertainty u(σ).
+
+    L = E_{σ, y, ε} [ λ(σ)/e^{u(σ)} · ‖D(y + σε; σ) − y‖² + u(σ) ],   ln σ ~ N(P_mean, P_std²)
+
+λ(σ) and D come from :mod:`edm2_diffusers.edm`, the one home of the EDM formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..edm import denoise, loss_weight
+
+
+def sample_sigma(
+    batch_size: int,
+    P_mean: float,
+    P_std: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Training noise levels σ = exp(P_mean + P_std·n), n ~ N(0, 1) (log-normal, EDM Sec. 5)."""
+    n = torch.randn(batch_size, generator=generator, device=device, dtype=torch.float32)
+    return (P_mean + P_std * n).exp()
+
+
+def edm2_loss(
+    unet: nn.Module,
+    images: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    sigma_data: float = 0.5,
+) -> torch.Tensor:
+    """The EDM2 loss for given noise levels and noise, averaged over all elements of the batch.
+
+    Args:
+        unet: an :class:`~edm2_diffusers.EDM2UNet2DModel` (F_θ and u(σ)).
+        images (`torch.Tensor`): clean images y in [-1, 1], shape (N, C, H, W).
+        sigma (`torch.Tensor`): σ per image, shape (N,).
+        noise (`torch.Tensor`): ε ~ N(0, I), same shape as ``images``.
+        class_labels (`torch.Tensor`, *optional*): class indices (N,) of a class-conditional model.
+        sigma_data (`float`): σ_data.
+
+    Returns:
+        `torch.Tensor`: scalar mean over images and pixels of λ/e^u·(D − y)² + u.
+    """
+    images = images.to(torch.float32)
+    sigma = sigma.to(torch.float32)
+    view = (-1,) + (1,) * (images.ndim - 1)
+    noisy = images + sigma.view(view) * noise.to(torch.float32)
+    denoised, logvar = denoise(unet, noisy, sigma, class_labels, sigma_data=sigma_data, return_logvar=True)
+    weight = loss_weight(sigma, sigma_data)
+    per_element = (weight / logvar.exp()).view(view) * (denoised - images).square() + logvar.view(view)
+    return per_element.mean()
+
+
+class EDM2TrainingLoss(nn.Module):
+    """The module Accelerate wraps for training: holds the U-Net, computes :func:`edm2_loss` in ``forward``.
+
+    Wrapping both F_θ and u(σ) in one ``forward`` lets DistributedDataParallel see every parameter used in the loss.
+    Its state dict is the U-Net's with the prefix ``unet.``.
+
+    Args:
+        unet: the :class:`~edm2_diffusers.EDM2UNet2DModel` to train.
+        sigma_data (`float`): σ_data.
+    """
+
+    def __init__(self, unet: nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.unet = unet
+        self.sigma_data = sigma_data
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        sigma: torch.Tensor,
+        noise: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return edm2_loss(self.unet, images, sigma, noise, class_labels=class_labels, sigma_data=self.sigma_data)
+
+
+__all__ = ["EDM2TrainingLoss", "edm2_loss", "sample_sigma"]

@@ -1,0 +1,159 @@
+"""Training data: in-memory datasets, image folders, the scikit-learn digits, and bad data failing fast."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edm2_diffusers.training import check_dataset, image_to_array, load_digits_dataset, load_train_dataset, random_flip
+from edm2_diffusers.training.data import build_image_dataset
+
+MODEL = dict(sample_size=8, in_channels=3, architecture="G")
+
+
+def data_cfg(**kw):
+    cfg = dict(
+        source=None,
+        dataset_name=None,
+        dataset_config_name=None,
+        dataset_split="train",
+        train_data_dir=None,
+        cache_dir=None,
+        image_column="image",
+        label_column=None,
+        resolution=None,
+        random_flip=False,
+    )
+    cfg.update(kw)
+    return cfg
+
+
+def write_folder(root, sizes, mode="RGB"):
+    """An imagefolder with two class folders; pixel (0, 0) of image i holds the value 10·i."""
+    for i, size in enumerate(sizes):
+        folder = root / ("cats" if i % 2 else "dogs")
+        folder.mkdir(parents=True, exist_ok=True)
+        array = np.full((size[1], size[0], 3), 128, dtype=np.uint8)
+        array[0, 0] = 10 * i
+        Image.fromarray(array, "RGB").convert(mode).save(folder / f"img{i}.png")
+    return root
+
+
+def test_in_memory_dataset_to_tensors_in_range_with_labels():
+    import datasets
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    ds = datasets.Dataset.from_dict({"img": [Image.fromarray(p) for p in pixels], "y": [0, 1, 2, 0, 1, 2]})
+    cfg = data_cfg(image_column="img", label_column="y")
+    model = dict(MODEL, num_class_embeds=3)
+    loaded = load_train_dataset(cfg, dataset=ds)
+    assert check_dataset(loaded, cfg, model, "memory") == 8
+    tds = build_image_dataset(loaded, cfg, model, "memory", 8)
+    item = tds[4]
+    assert item["pixel_values"].shape == (3, 8, 8) and item["pixel_values"].dtype == torch.float32
+    expected = torch.from_numpy(pixels[4].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)
+    torch.testing.assert_close(item["pixel_values"], expected)
+    assert item["class_labels"] == 1 and item["index"] == 4
+    batch = tds.__getitems__([0, 5])
+    assert [b["class_labels"] for b in batch] == [0, 2]
+    torch.testing.assert_close(batch[1]["pixel_values"], tds[5]["pixel_values"])
+
+
+def test_image_folder_mixed_sizes_need_resolution(tmp_path):
+    root = write_folder(tmp_path / "imgs", [(8, 8), (8, 8), (12, 10)])
+    cfg = data_cfg(train_data_dir=str(root), cache_dir=str(tmp_path / "cache"))
+    ds = load_train_dataset(cfg)
+    assert len(ds) == 3 and "image" in ds.column_names
+    with pytest.raises(ValueError, match="different sizes.*--resolution"):
+        check_dataset(ds, cfg, MODEL, "imagefolder")
+    cfg["resolution"] = 8
+    assert check_dataset(ds, cfg, MODEL, "imagefolder") == 8
+    tds = build_image_dataset(ds, cfg, MODEL, "imagefolder", 8)
+    shapes = {tuple(tds[i]["pixel_values"].shape) for i in range(3)}
+    assert shapes == {(3, 8, 8)}
+    assert all(-1 <= tds[i]["pixel_values"].min() and tds[i]["pixel_values"].max() <= 1 for i in range(3))
+
+
+def test_resize_and_centre_crop():
+    array = np.zeros((10, 20), dtype=np.uint8)
+    array[:, 5:15] = 255  # a white centre band, half the width
+    out = image_to_array(Image.fromarray(array, "L"), resolution=4, channels=1)
+    assert out.shape == (1, 4, 4)
+    assert out[0, :, 1:3].min() > 0.9  # the centre crop keeps the band ...
+    # ... and a grey image becomes RGB for a 3-channel model
+    assert image_to_array(Image.fromarray(array, "L"), resolution=None, channels=3).shape == (3, 10, 20)
+
+
+def test_grayscale_folder_for_a_one_channel_model(tmp_path):
+    root = write_folder(tmp_path / "g", [(8, 8)] * 2, mode="L")
+    cfg = data_cfg(train_data_dir=str(root), cache_dir=str(tmp_path / "cache"))
+    model = dict(MODEL, in_channels=1)
+    ds = load_train_dataset(cfg)
+    tds = build_image_dataset(ds, cfg, model, "imagefolder", check_dataset(ds, cfg, model, "imagefolder"))
+    assert tds[0]["pixel_values"].shape == (1, 8, 8)
+
+
+def test_corrupt_image_stops_with_its_name(tmp_path):
+    root = write_folder(tmp_path / "c", [(8, 8)] * 3)
+    (root / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    cfg = data_cfg(train_data_dir=str(root), resolution=8, cache_dir=str(tmp_path / "cache"))
+    ds = load_train_dataset(cfg)
+    with pytest.raises(ValueError, match="broken.png"):
+        check_dataset(ds, cfg, MODEL, "imagefolder")
+
+
+def test_missing_folder_and_missing_columns(tmp_path):
+    import datasets
+
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_train_dataset(data_cfg(train_data_dir=str(tmp_path / "nowhere")))
+    ds = datasets.Dataset.from_dict({"picture": [Image.new("RGB", (8, 8))] * 2, "label": [0, 1]})
+    with pytest.raises(ValueError, match="no image column 'image'.*picture"):
+        check_dataset(ds, data_cfg(), MODEL, "memory")
+    not_images = datasets.Dataset.from_dict({"image": ["a", "b"]})
+    with pytest.raises(ValueError, match="does not hold images"):
+        check_dataset(not_images, data_cfg(), MODEL, "memory")
+    with pytest.raises(ValueError, match="no training data"):
+        load_train_dataset(data_cfg())
+
+
+def test_label_column_must_match_the_model(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 3, "label": [0, 1, 4]})
+    with pytest.raises(ValueError, match="unconditional"):
+        check_dataset(ds, data_cfg(label_column="label"), MODEL, "memory")
+    with pytest.raises(ValueError, match="class-conditional.*--label_column"):
+        check_dataset(ds, data_cfg(), dict(MODEL, num_class_embeds=5), "memory")
+    with pytest.raises(ValueError, match=r"ids in \[0, 4\].*3 classes"):
+        check_dataset(ds, data_cfg(label_column="label"), dict(MODEL, num_class_embeds=3), "memory")
+    with pytest.raises(ValueError, match="no label column 'cls'"):
+        check_dataset(ds, data_cfg(label_column="cls"), dict(MODEL, num_class_embeds=5), "memory")
+    with pytest.raises(ValueError, match="sample_size 16"):
+        check_dataset(ds, data_cfg(), dict(MODEL, sample_size=16), "memory")
+
+
+def test_sklearn_digits_offline():
+    ds = load_digits_dataset()
+    assert len(ds) == 1797 and ds.features["label"].num_classes == 10
+    cfg = data_cfg(source="sklearn_digits", label_column="label")
+    model = dict(MODEL, in_channels=1, num_class_embeds=10)
+    assert check_dataset(ds, cfg, model, "sklearn_digits") == 8
+    tds = build_image_dataset(ds, cfg, model, "sklearn_digits", 8)
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    x = tds[17]["pixel_values"][0].numpy()
+    np.testing.assert_allclose(x, ref.images[17] / 8.0 - 1.0, atol=1.001 / 255)  # 8-bit rounding
+    assert tds[17]["class_labels"] == ref.target[17]
+
+
+def test_random_flip_is_seeded_and_flips_about_half():
+    images = torch.arange(64 * 4, dtype=torch.float32).view(64, 1, 1, 4)
+    a = random_flip(images, torch.Generator().manual_seed(3))
+    b = random_flip(images, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    flipped = (a != images).any(dim=-1).flatten()
+    assert 16 < int(flipped.sum()) < 48
+    assert torch.equal(a[flipped], images[flipped].flip(-1))
