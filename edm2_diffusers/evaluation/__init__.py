@@ -13,7 +13,6 @@ from .evaluate import (
     compute_reference_stats,
     dataset_image_batches,
     evaluate_pipeline,
-    load_pipeline,
     reference_stats,
 )
 from .fid import (
@@ -45,7 +44,6 @@ __all__ = [
     "get_feature_extractor",
     "iter_generated_features",
     "load_digits_split",
-    "load_pipeline",
     "reference_stats",
     "seed_ranges",
 ]

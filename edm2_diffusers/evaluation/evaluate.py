@@ -2,7 +2,8 @@
 
 The pieces: :func:`reference_stats` (dataset → (μ, Σ), computed once and cached to an ``.npz``),
 :func:`evaluate_pipeline` (images from disjoint seed ranges on every Accelerate process, optionally resumable through a
-feature cache, then the Fréchet distance), and :func:`load_pipeline` (a saved pipeline folder or Hub repo).
+feature cache, then the Fréchet distance). Saved pipelines are loaded with
+:func:`edm2_diffusers.hub.loading.load_pipeline`.
 """
 
 from __future__ import annotations
@@ -148,6 +149,49 @@ def reference_stats(
     return FeatureStats.load(path, feature_extractor=name)
 
 
+def default_ref_stats_path(feature_extractor_name: str, dataset: str, split: str = "train", resolution=None) -> str:
+    """Where reference statistics are cached when no ``--ref_stats`` is given: the package cache folder."""
+    from .digits import default_cache_dir
+
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{dataset}-{split}-{resolution or 'native'}")
+    return os.path.join(default_cache_dir(), "ref_stats", f"{slug}-{feature_extractor_name}.npz")
+
+
+def resolve_reference(
+    feature_extractor: nn.Module,
+    ref_stats: str | None = None,
+    dataset_name: str | None = None,
+    train_data_dir: str | None = None,
+    split: str = "train",
+    dataset_config_name: str | None = None,
+    image_column: str = "image",
+    resolution: int | None = None,
+    channels: int = 3,
+    accelerator=None,
+) -> FeatureStats:
+    """Reference statistics for the command-line tools.
+
+    ``ref_stats`` is read if it exists, else computed from the named dataset and written there. Without
+    ``ref_stats`` but with a dataset, the statistics are cached under :func:`default_ref_stats_path`. The ``digits``
+    extractor needs neither: it defaults to scikit-learn's digits (computed in memory).
+    """
+    name = extractor_name(feature_extractor)
+    has_data = bool(dataset_name or train_data_dir)
+    if ref_stats is None and has_data:
+        ref_stats = default_ref_stats_path(name, dataset_name or os.path.abspath(train_data_dir), split, resolution)
+    if ref_stats is not None and not ref_stats.endswith(".npz"):
+        raise ValueError(f"--ref_stats must name an .npz file, got {ref_stats!r}")
+    batches = None
+    if has_data:
+
+        def batches():
+            return dataset_image_batches(
+                dataset_name, train_data_dir, split, dataset_config_name, image_column, resolution, channels
+            )
+
+    return reference_stats(ref_stats, feature_extractor, batches, accelerator)
+
+
 def evaluate_pipeline(
     pipeline,
     feature_extractor: str | nn.Module,
@@ -235,38 +279,12 @@ def evaluate_pipeline(
     )
 
 
-def load_pipeline(path: str, subfolder: str | None = None, torch_dtype: torch.dtype | None = None):
-    """An ``EDM2Pipeline`` saved with ``save_pretrained``: a local folder or a Hub repo, optionally in a subfolder.
-
-    Args:
-        path (`str`): folder or Hub repo id.
-        subfolder (`str`, *optional*): the pipeline's folder inside ``path`` (e.g. one EMA length of an export).
-        torch_dtype (`torch.dtype`, *optional*): load the networks in this dtype.
-    """
-    from ..pipelines import EDM2Pipeline
-
-    if os.path.isdir(path):
-        folder = os.path.join(path, subfolder) if subfolder else path
-        if not os.path.isfile(os.path.join(folder, "model_index.json")):
-            raise FileNotFoundError(f"{folder!r} holds no saved pipeline (model_index.json is missing)")
-    elif os.path.exists(path):
-        raise ValueError(f"--pipeline {path!r} is a file; give a pipeline folder or a Hub repo id")
-    else:
-        from huggingface_hub import snapshot_download
-
-        patterns = [f"{subfolder.strip('/')}/**"] if subfolder else None
-        folder = snapshot_download(path, allow_patterns=patterns)
-        if subfolder:
-            folder = os.path.join(folder, subfolder)
-    kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-    return EDM2Pipeline.from_pretrained(folder, **kwargs)
-
-
 __all__ = [
     "EvaluationOutput",
     "compute_reference_stats",
     "dataset_image_batches",
     "evaluate_pipeline",
-    "load_pipeline",
+    "default_ref_stats_path",
     "reference_stats",
+    "resolve_reference",
 ]

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""EMA-length sweep (the EDM2 paper's Figure 5): reconstruct many post-hoc EMA profiles, evaluate each, keep the best.
+
+Examples:
+    # the digits quickstart, offline
+    python examples/sweep_ema.py --run_dir runs/digits --stds 0.02:0.20:0.02 --num_images 1000 \\
+        --num_inference_steps 18 --feature_extractor digits
+
+    # CIFAR-10 FID on 8 GPUs (each std's images spread over the processes)
+    accelerate launch --num_processes 8 examples/sweep_ema.py --run_dir runs/cifar10-G --stds 0.05,0.10,0.15 \\
+        --num_images 10000 --dataset_name uoft-cs/cifar10 --ref_stats cifar10-train.npz
+
+Writes OUT/sweep.csv (one row per std), OUT/sweep.png (metric against EMA std, best marked) and OUT/best.json, which
+`examples/export_pipeline.py --stds best` reads (OUT defaults to RUN/sweep, where the export looks). The reconstructed
+weights stay in memory; export the winner with export_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from accelerate import Accelerator
+
+from edm2_diffusers.ema import list_snapshots
+from edm2_diffusers.evaluation import get_feature_extractor
+from edm2_diffusers.evaluation.evaluate import resolve_reference
+from edm2_diffusers.evaluation.sweep import parse_stds, sweep_ema
+
+
+def add_reference_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--feature_extractor", default="inception", choices=["inception", "digits"])
+    parser.add_argument("--inception_weights", default=None, help="local torch-fidelity Inception weights file")
+    parser.add_argument("--ref_stats", default=None, help=".npz of reference statistics: read, or written if missing")
+    parser.add_argument("--dataset_name", default=None, help="Hub dataset of the reference images, or 'digits'")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--train_data_dir", default=None, help="local image folder of the reference images instead")
+    parser.add_argument("--dataset_split", default="train")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--resolution", type=int, default=None, help="resize/crop reference images (as in training)")
+
+
+def build_extractor(args):
+    kwargs = {"weights_path": args.inception_weights} if args.feature_extractor == "inception" else {}
+    return get_feature_extractor(args.feature_extractor, **kwargs)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_dir", required=True, help="training output folder with phema/ snapshots")
+    parser.add_argument("--stds", required=True, help="start:stop:step (stop included) or a comma-separated list")
+    parser.add_argument("--step", type=int, default=None, help="snapshot step to reconstruct at (default: the last)")
+    parser.add_argument("--num_images", type=int, default=1000, help="generated images per std")
+    parser.add_argument("--num_inference_steps", type=int, default=18)
+    parser.add_argument("--batch_size", type=int, default=64, help="images per batch and process")
+    parser.add_argument("--seed", type=int, default=0, help="seed of image 0 (the same noise for every std)")
+    parser.add_argument("--output_dir", default=None, help="where the CSV, plot and best.json go (default RUN/sweep)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier sweep")
+    parser.add_argument("--chunk_size", type=int, default=4, help="stds reconstructed at once (memory bound)")
+    add_reference_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        args.stds = parse_stds(args.stds)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.num_images < 2:
+        parser.error("--num_images must be at least 2")
+    if args.output_dir is None:
+        args.output_dir = os.path.join(args.run_dir, "sweep")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.isdir(args.run_dir):
+        raise FileNotFoundError(f"--run_dir {args.run_dir!r} is not a directory")
+    accelerator = Accelerator()
+    extractor = build_extractor(args)
+    channels = list_snapshots(args.run_dir)[0].model_config.get("in_channels", 3)
+    reference = resolve_reference(
+        extractor,
+        args.ref_stats,
+        args.dataset_name,
+        args.train_data_dir,
+        args.dataset_split,
+        args.dataset_config_name,
+        args.image_column,
+        args.resolution,
+        channels,
+        accelerator,
+    )
+    result = sweep_ema(
+        args.run_dir,
+        args.stds,
+        extractor,
+        reference,
+        args.num_images,
+        args.num_inference_steps,
+        args.batch_size,
+        args.seed,
+        args.step,
+        accelerator,
+        args.output_dir,
+        args.overwrite,
+        args.chunk_size,
+    )
+    if accelerator.is_main_process:
+        for row in result.rows:
+            extra = f"  confident {row['confident']:.3f}" if "confident" in row else ""
+            print(f"std {row['std']:.4f}  {result.metric_name} {row[result.metric_name]:.4f}{extra}")
+        print(
+            f"best EMA std {result.best_std:.4f} ({result.metric_name} {result.best_metric:.4f}) at step {result.step}"
+        )
+        for path in result.files.values():
+            print(f"wrote {path}")
+    accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
+        sys.exit(f"error: {e}")
