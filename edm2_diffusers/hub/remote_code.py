@@ -89,15 +89,15 @@ def _absolute(node: ast.ImportFrom, module: str, is_pkg_init: bool) -> str | Non
 def _defining_module(target: str, name: str, where: str, package: str) -> str:
     """The package module that defines ``name`` imported from ``target`` (follows re-exports of ``__init__``)."""
     mod = importlib.import_module(target)
-    if not hasattr(mod, name):
+    is_submodule = hasattr(mod, "__path__") and importlib.util.find_spec(f"{target}.{name}") is not None
+    if not hasattr(mod, name) and not is_submodule:
         raise BundleError(f"{where}: module {target!r} has no attribute {name!r}")
-    obj = getattr(mod, name)
-    if inspect.ismodule(obj):
+    if is_submodule or inspect.ismodule(getattr(mod, name)):
         raise BundleError(
             f"{where}: 'from {target} import {name}' imports a module; import the names it uses instead "
             "so that the module can be bundled into a standalone custom-code file"
         )
-    defining = getattr(obj, "__module__", None)
+    defining = getattr(getattr(mod, name), "__module__", None)
     if isinstance(defining, str) and _is_package_module(defining, package) and defining != target:
         return defining
     return target

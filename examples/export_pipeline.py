@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Export post-hoc EMA variants of a training run as diffusers pipelines (and push them to the Hub).
+
+    python examples/export_pipeline.py --run_dir runs/digits --stds 0.05,0.10 --output_dir exports/digits
+    python examples/export_pipeline.py --run_dir runs/digits --stds best --output_dir exports/digits \\
+        --push_to_hub --hub_model_id USER/edm2-digits
+
+The first std is the root pipeline, each further one a complete pipeline in ``ema-<std>/``. Every variant loads with
+``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``, also where edm2-diffusers is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from edm2_diffusers.hub import export_pipelines, push_to_hub, resolve_repo_id
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run_dir", required=True, help="the training run's output folder (with phema/ snapshots)")
+    parser.add_argument(
+        "--stds",
+        required=True,
+        help="comma-separated EMA stds, e.g. 0.05,0.10 (the first is the root variant); 'best' reads the EMA sweep",
+    )
+    parser.add_argument("--output_dir", required=True, help="the export folder (must be new or empty)")
+    parser.add_argument("--step", type=int, default=None, help="reconstruct at this snapshot step (default: last)")
+    parser.add_argument("--sweep_dir", default=None, help="folder of the EMA sweep's best.json (default: RUN/sweep)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output_dir")
+    parser.add_argument("--license", default="apache-2.0", help="license in the model card's metadata")
+    parser.add_argument("--dataset", default=None, help="Hub dataset id for the card (default: from the run config)")
+    parser.add_argument("--model_name", default=None, help="title of the model card")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="sampler steps (default: run config)")
+    parser.add_argument("--no_sample_grid", action="store_true", help="skip rendering the sample grid")
+    parser.add_argument("--push_to_hub", action="store_true", help="upload the export to the Hugging Face Hub")
+    parser.add_argument("--hub_model_id", default=None, help="repository to push to, USER/NAME")
+    parser.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--commit_message", default=None, help="message of the Hub commit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    repo_id = resolve_repo_id(args.hub_model_id) if args.push_to_hub else args.hub_model_id  # fail before exporting
+    result = export_pipelines(
+        args.run_dir,
+        args.stds,
+        args.output_dir,
+        step=args.step,
+        overwrite=args.overwrite,
+        license=args.license,
+        sample_grid=not args.no_sample_grid,
+        num_inference_steps=args.num_inference_steps,
+        sweep_dir=args.sweep_dir,
+        repo_id=repo_id,
+        model_name=args.model_name,
+        dataset=args.dataset,
+    )
+    for std, folder in result.variants:
+        print(f"EMA std {std:.3f}: {folder}")
+    if args.push_to_hub:
+        commit = push_to_hub(
+            result.output_dir,
+            repo_id,
+            private=args.private,
+            token=args.hub_token,
+            commit_message=args.commit_message,
+        )
+        print(f"pushed to {getattr(commit, 'commit_url', repo_id)}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        sys.exit(f"error: {err}")

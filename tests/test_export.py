@@ -1,0 +1,618 @@
+"""Export of post-hoc EMA variants as diffusers pipelines: layout, remote code, model card, Hub push, bad input.
+
+The run folder is built for real (tiny U-Net, power-function EMA, snapshots, YAML config); loading is checked in fresh
+subprocesses with and without the package importable. The only fake is the Hub's network boundary
+(``HfApi.create_repo`` / ``HfApi.create_commit`` and ``snapshot_download``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_unet_config
+from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
+from safetensors.torch import load_file
+
+from edm2_diffusers import EDM2UNet2DModel
+from edm2_diffusers.ema import PowerFunctionEMA, reconstruct
+from edm2_diffusers.hub import (
+    BundleError,
+    bundle_module,
+    check_export,
+    export_pipelines,
+    export_run,
+    load_pipeline,
+    push_to_hub,
+    read_export_info,
+    template_text,
+)
+from edm2_diffusers.hub.push import export_files
+from edm2_diffusers.training.config import default_config, dump_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STEPS = 2  # sampler steps used by the tests (3 network evaluations)
+
+
+def make_run(run_dir: Path, stds=(0.05, 0.10), **model_overrides) -> Path:
+    """A short 'training run': random parameter updates tracked by the power-function EMA, snapshots at steps 3, 6."""
+    torch.manual_seed(0)
+    model_cfg = tiny_unet_config(**model_overrides)
+    unet = EDM2UNet2DModel(**model_cfg)
+    ema = PowerFunctionEMA(unet, stds=stds)
+    nimg = 0
+    for step in range(1, 7):
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        nimg += 16
+        ema.update(cur_nimg=nimg, batch_size=16)
+        if step % 3 == 0:
+            ema.save_snapshots(str(run_dir), step=step, nimg=nimg)
+    cfg = default_config()
+    cfg["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in model_cfg.items()}
+    cfg["ema"] = {"stds": list(stds)}
+    cfg["data"]["source"] = "sklearn_digits"
+    cfg["training"]["output_dir"] = str(run_dir)
+    cfg["training"]["total_batch_size"] = 16
+    cfg["sampling"].update(num_inference_steps=STEPS, grid_rows=2, grid_cols=3, seed=5)
+    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def export_dir(run_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "digits-edm2"
+    export_pipelines(run_dir, [0.05, 0.10], out, license="mit", repo_id="someone/digits-edm2")
+    return out
+
+
+def all_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {rel: (folder / rel).read_bytes() for rel in all_files(folder)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layout and weights.
+
+
+def test_export_layout_holds_only_safetensors_weights_and_a_card(export_dir):
+    pipeline_files = {
+        "model_index.json",
+        "pipeline_edm2.py",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/unet_edm2.py",
+        "scheduler/scheduler_config.json",
+        "scheduler/scheduling_edm_heun.py",
+    }
+    expected = pipeline_files | {"README.md", "samples.png", "export_info.json"}
+    expected |= {f"ema-0.100/{f}" for f in pipeline_files}
+    assert all_files(export_dir) == expected
+    assert check_export(export_dir) == [export_dir, export_dir / "ema-0.100"]
+    for folder in (export_dir, export_dir / "ema-0.100"):
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["_class_name"] == ["pipeline_edm2", "EDM2Pipeline"]
+        assert index["unet"] == ["unet_edm2", "EDM2UNet2DModel"]
+        assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
+
+
+def test_exported_weights_are_the_posthoc_reconstructions(run_dir, export_dir):
+    rec = reconstruct(str(run_dir), [0.05, 0.10])
+    root = load_file(str(export_dir / "unet/diffusion_pytorch_model.safetensors"))
+    other = load_file(str(export_dir / "ema-0.100/unet/diffusion_pytorch_model.safetensors"))
+    for saved, state in ((root, rec.state_dicts[0]), (other, rec.state_dicts[1])):
+        assert saved.keys() == state.keys()
+        for k in state:
+            torch.testing.assert_close(saved[k], state[k].to(saved[k].dtype), rtol=0, atol=0)
+    assert any(not torch.equal(root[k], other[k]) for k in root), "the two EMA lengths must give different weights"
+
+
+def test_scheduler_carries_the_run_sampling_settings(export_dir):
+    cfg = json.loads((export_dir / "scheduler/scheduler_config.json").read_text())
+    assert cfg["_class_name"] == "EDMHeunScheduler"
+    assert (cfg["sigma_min"], cfg["sigma_max"], cfg["rho"], cfg["sigma_data"]) == (0.002, 80.0, 7.0, 0.5)
+    info = read_export_info(export_dir)
+    assert info["sampling"]["num_inference_steps"] == STEPS
+    assert [(v["std"], v["folder"]) for v in info["variants"]] == [(0.05, "."), (0.10, "ema-0.100")]
+
+
+def test_custom_code_is_generated_from_the_package_sources(export_dir):
+    for rel, module in (
+        ("unet/unet_edm2.py", "edm2_diffusers.models.unet_edm2"),
+        ("scheduler/scheduling_edm_heun.py", "edm2_diffusers.schedulers.scheduling_edm_heun"),
+        ("pipeline_edm2.py", "edm2_diffusers.pipelines.pipeline_edm2"),
+    ):
+        code = (export_dir / rel).read_text()
+        assert code == (export_dir / "ema-0.100" / rel).read_text()
+        # Same body as a fresh bundle of the installed modules (the header names the bundled modules).
+        fresh = bundle_module(module)
+        assert code.endswith(fresh.split("\n", 1)[1]), f"{rel} differs from the package's {module}"
+        assert not re.search(r"^\s*(from|import)\s+(edm2_diffusers|\.)", code, re.M), f"{rel} imports the package"
+    unet_code = (export_dir / "unet/unet_edm2.py").read_text()
+    assert "# From edm2_diffusers.models.layers" in unet_code and "class EDM2UNet2DModel" in unet_code
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading in fresh processes, with and without the package.
+
+RUNNER = r'''
+import json, pathlib, shutil, sys, tempfile
+
+spec = json.loads(pathlib.Path(sys.argv[1]).read_text())
+if spec["block"]:
+    sys.modules["edm2_diffusers"] = None  # any `import edm2_diffusers[...]` now raises ImportError
+    try:
+        import edm2_diffusers  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("edm2_diffusers is still importable")
+
+import numpy as np
+import torch
+import huggingface_hub
+from diffusers import DiffusionPipeline
+from huggingface_hub.utils import filter_repo_objects
+
+
+def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+    """The Hub's network boundary: serve the repository from the local export (only the files the patterns pick)."""
+    assert repo_id == spec["repo_id"], repo_id
+    src = pathlib.Path(spec["export"])
+    files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    dst = pathlib.Path(tempfile.mkdtemp(prefix="snapshot-", dir=spec["tmp"]))
+    for rel in filter_repo_objects(files, allow_patterns=allow_patterns):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / rel, dst / rel)
+    return str(dst)
+
+
+huggingface_hub.snapshot_download = snapshot_download
+report = {"snippets": {}, "variants": {}}
+arrays = {}
+for name, code in spec["snippets"].items():
+    scope = {}
+    exec(compile(code, f"<card snippet {name}>", "exec"), scope)
+    report["snippets"][name] = [type(scope["pipe"]).__name__, len(scope["images"]), type(scope["images"][0]).__name__]
+
+for variant in spec["variants"]:
+    folder = str(pathlib.Path(spec["export"], variant))
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    report["variants"][variant] = [type(pipe).__name__, type(pipe).__module__, type(pipe.unet).__module__]
+    out = pipe(batch_size=2, num_inference_steps=spec["steps"], generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    arrays[variant] = out
+    if not spec["block"]:
+        from edm2_diffusers import EDM2Pipeline
+        from edm2_diffusers.hub import load_pipeline
+
+        pkg = load_pipeline(spec["export"], subfolder=variant)
+        assert isinstance(pkg, EDM2Pipeline)
+        arrays["package:" + variant] = pkg(batch_size=2, num_inference_steps=spec["steps"],
+                                           generator=torch.Generator().manual_seed(0), output_type="np").images
+        try:
+            DiffusionPipeline.from_pretrained(folder)
+        except ValueError as err:
+            report["without_trust"] = str(err)
+np.savez(spec["arrays"], **arrays)
+pathlib.Path(spec["report"]).write_text(json.dumps(report))
+'''
+
+
+def card_snippets(readme: str) -> dict[str, str]:
+    """The ```python blocks of a card whose first line is '# usage: NAME'."""
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    out = {}
+    for block in blocks:
+        first, _, _ = block.partition("\n")
+        if first.startswith("# usage:"):
+            out[first.split(":", 1)[1].strip()] = block
+    return out
+
+
+def run_loader(export_dir: Path, tmp: Path, block: bool, snippets: dict[str, str]):
+    tmp.mkdir()
+    spec = {
+        "block": block,
+        "export": str(export_dir),
+        "repo_id": read_export_info(export_dir)["repo_id"],
+        "tmp": str(tmp),
+        "variants": [".", "ema-0.100"],
+        "steps": STEPS,
+        "snippets": snippets,
+        "arrays": str(tmp / "arrays.npz"),
+        "report": str(tmp / "report.json"),
+    }
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    (tmp / "runner.py").write_text(RUNNER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHON"))}
+    env.update(
+        HF_HOME=str(tmp / "hf_home"),
+        HF_MODULES_CACHE=str(tmp / "hf_modules"),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    # -I: no current folder, PYTHONPATH or user site on sys.path; the runner also blocks the package when asked.
+    cmd = [sys.executable, "-I", str(tmp / "runner.py"), str(tmp / "spec.json")]
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    report = json.loads((tmp / "report.json").read_text())
+    with np.load(tmp / "arrays.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    return report, arrays
+
+
+@pytest.fixture(scope="module")
+def reference_images(export_dir):
+    """Samples of each variant from the package's classes in this process."""
+    out = {}
+    for variant in (".", "ema-0.100"):
+        pipe = load_pipeline(export_dir, subfolder=variant)
+        pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator().manual_seed(0)
+        out[variant] = pipe(batch_size=2, num_inference_steps=STEPS, generator=gen, output_type="np").images
+    assert not np.allclose(out["."], out["ema-0.100"])
+    return out
+
+
+def test_every_variant_loads_and_samples_without_the_package(export_dir, reference_images, tmp_path):
+    readme = (export_dir / "README.md").read_text()
+    snippets = card_snippets(readme)
+    repo_id = read_export_info(export_dir)["repo_id"]
+    runnable = {"root": snippets["root"].replace(repo_id, str(export_dir)), "variant": snippets["variant"]}
+    report, arrays = run_loader(export_dir, tmp_path / "blocked", block=True, snippets=runnable)
+    for variant in (".", "ema-0.100"):
+        name, module, unet_module = report["variants"][variant]
+        assert name == "EDM2Pipeline" and module.startswith("diffusers_modules.")
+        assert unet_module.startswith("diffusers_modules.")
+        np.testing.assert_allclose(arrays[variant], reference_images[variant], rtol=0, atol=1e-6)
+    assert report["snippets"]["root"] == ["EDM2Pipeline", 4, "Image"]
+    assert report["snippets"]["variant"] == ["EDM2Pipeline", 4, "Image"]
+    assert (tmp_path / "blocked" / "edm2_sample.png").is_file()
+
+
+def test_every_variant_loads_and_samples_with_the_package(export_dir, reference_images, tmp_path):
+    readme = (export_dir / "README.md").read_text()
+    repo_id = read_export_info(export_dir)["repo_id"]
+    snippets = card_snippets(readme)
+    assert set(snippets) == {"root", "variant", "package"}
+    runnable = {
+        "root": snippets["root"].replace(repo_id, str(export_dir)),
+        "variant": snippets["variant"],
+        "package": snippets["package"].replace(repo_id, str(export_dir)),
+    }
+    report, arrays = run_loader(export_dir, tmp_path / "installed", block=False, snippets=runnable)
+    for variant in (".", "ema-0.100"):
+        assert report["variants"][variant][0] == "EDM2Pipeline"
+        np.testing.assert_allclose(arrays[variant], reference_images[variant], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(arrays["package:" + variant], reference_images[variant], rtol=0, atol=1e-6)
+    assert report["snippets"]["package"] == ["EDM2Pipeline", 4, "Image"]
+    assert "trust_remote_code" in report["without_trust"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model card.
+
+
+def test_model_card_metadata_and_content(run_dir, export_dir):
+    card = ModelCard.load(export_dir / "README.md")
+    data = card.data
+    assert data.library_name == "diffusers"
+    assert data.pipeline_tag == "unconditional-image-generation"
+    assert data.license == "mit"
+    assert {"edm2", "diffusers", "edm2-config-G", "unconditional-image-generation"} <= set(data.tags)
+    text = card.text
+    unet = EDM2UNet2DModel.from_pretrained(export_dir / "unet")
+    n_params = sum(p.numel() for p in unet.parameters())
+    rec = reconstruct(str(run_dir), [0.05])
+    assert f"| parameters | {n_params:,} " in text
+    assert f"| training images seen | {rec.nimg:,} |" in text and f"| optimizer steps | {rec.step:,} |" in text
+    assert "EDM2 Config G" in text
+    assert "| 0.050 | `(root)` |" in text and "| 0.100 | `ema-0.100/` |" in text
+    assert f"| steps N (`num_inference_steps`) | {STEPS} ({2 * STEPS - 1} network evaluations) |" in text
+    assert "![Samples of the root variant](samples.png)" in text
+    assert "Analyzing and Improving the Training Dynamics of Diffusion Models" in text and "CVPR" in text
+    assert "scikit-learn digits" in text
+    assert '"someone/digits-edm2"' in text
+
+
+def test_sample_grid_shape(export_dir):
+    from PIL import Image
+
+    with Image.open(export_dir / "samples.png") as img:
+        # 2 x 3 tiles of 8 x 8 pixels, upscaled 8x to 64-pixel tiles, grayscale for a 1-channel model.
+        assert img.size == (3 * 64, 2 * 64) and img.mode == "L"
+
+
+def test_card_shows_the_sweep_fid_and_best_std(run_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    best = {"std": 0.08, "metric": "fid", "value": 12.5, "results": [{"std": 0.05, "fid": 14.0}, {"std": 0.08}]}
+    (sweep / "best.json").write_text(json.dumps(best))
+    out = tmp_path / "out"
+    result = export_pipelines(run_dir, "best,0.05", out, sweep_dir=sweep, sample_grid=False)
+    assert [s for s, _ in result.variants] == [0.08, 0.05]
+    card = ModelCard.load(out / "README.md")
+    assert "fid" in card.data.metrics
+    assert "| 0.080 | `(root)` | 12.5 |" in card.text and "| 0.050 | `ema-0.050/` | 14 |" in card.text
+    assert not (out / "samples.png").exists() and "samples.png" not in card.text
+
+
+def test_template_is_package_data_and_model_cards_points_to_it():
+    packaged = REPO_ROOT / "edm2_diffusers" / "hub" / "templates" / "edm2_pipeline.md"
+    assert template_text() == packaged.read_text()
+    assert (REPO_ROOT / "model_cards" / "edm2_pipeline.md").resolve() == packaged.resolve()
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert re.search(r'edm2_diffusers = \[[^\]]*"hub/templates/\*\.md"', pyproject)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Push to the Hub (network boundary faked).
+
+
+class FakeHub:
+    """Records what HfApi would send; create_repo resolves a bare name into the token owner's namespace."""
+
+    def __init__(self, monkeypatch):
+        self.repos, self.commits = [], []
+        hub = self
+
+        def create_repo(api, repo_id, *, private=None, exist_ok=False, repo_type=None, **kwargs):
+            hub.repos.append(dict(repo_id=repo_id, private=private, exist_ok=exist_ok, repo_type=repo_type))
+            full = repo_id if "/" in repo_id else f"token-owner/{repo_id}"
+            return RepoUrl(f"https://huggingface.co/{full}")
+
+        def create_commit(api, repo_id, operations, *, commit_message, repo_type=None, revision=None, **kwargs):
+            files = {}
+            for op in operations:
+                src = op.path_or_fileobj
+                files[op.path_in_repo] = Path(src).read_bytes() if isinstance(src, (str, Path)) else bytes(src)
+            hub.commits.append(dict(repo_id=repo_id, message=commit_message, files=files, repo_type=repo_type))
+            return CommitInfo(
+                commit_url=f"https://huggingface.co/{repo_id}/commit/{'0' * 40}",
+                commit_message=commit_message,
+                commit_description="",
+                oid="0" * 40,
+            )
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "create_commit", create_commit)
+
+
+def test_push_sends_the_export_in_one_commit(export_dir, tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    local = tmp_path / "copy"
+    shutil.copytree(export_dir, local)
+    commit = push_to_hub(local, "alice/edm2-digits", private=True)
+    assert hub.repos == [dict(repo_id="alice/edm2-digits", private=True, exist_ok=True, repo_type="model")]
+    assert len(hub.commits) == 1
+    sent = hub.commits[0]
+    assert sent["repo_id"] == "alice/edm2-digits" and sent["repo_type"] == "model"
+    assert sent["message"] == "Upload EDM2 Config G pipeline: EMA std 0.050 (root), 0.100 at step 6"
+    assert set(sent["files"]) == all_files(export_dir) == set(export_files(local))
+    assert sent["files"] == snapshot(local)
+    # The generated card now names the repository it was pushed to; the weights are untouched.
+    readme = sent["files"]["README.md"].decode()
+    assert '"alice/edm2-digits"' in readme and "someone/digits-edm2" not in readme
+    weights = "ema-0.100/unet/diffusion_pytorch_model.safetensors"
+    assert sent["files"][weights] == (export_dir / weights).read_bytes()
+    assert commit.commit_message == sent["message"]
+
+
+def test_push_keeps_an_edited_card(export_dir, tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    local = tmp_path / "copy"
+    shutil.copytree(export_dir, local)
+    edited = (local / "README.md").read_text() + "\nA note by hand.\n"
+    (local / "README.md").write_text(edited)
+    push_to_hub(local, "bob/other", commit_message="my message")
+    assert hub.commits[0]["files"]["README.md"].decode() == edited
+    assert hub.commits[0]["message"] == "my message"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("export_pipeline_example", REPO_ROOT / "examples/export_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_exports_and_pushes(run_dir, tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    out = tmp_path / "cli"
+    example = load_example()
+    argv = ["--run_dir", str(run_dir), "--stds", "0.10,0.05", "--output_dir", str(out), "--step", "6"]
+    example.main(argv + ["--push_to_hub", "--hub_model_id", "edm2-digits", "--license", "cc-by-4.0"])
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == ["pipeline_edm2", "EDM2Pipeline"]
+    assert (out / "ema-0.050" / "model_index.json").is_file()
+    sent = hub.commits[0]
+    assert sent["repo_id"] == "token-owner/edm2-digits"
+    assert set(sent["files"]) == all_files(out)
+    card = ModelCard(sent["files"]["README.md"].decode())
+    assert card.data.license == "cc-by-4.0" and '"token-owner/edm2-digits"' in card.text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_push_without_a_repo_id_fails_before_writing(run_dir, tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    example = load_example()
+    out = tmp_path / "never"
+    base = ["--run_dir", str(run_dir), "--stds", "0.05", "--output_dir", str(out), "--push_to_hub"]
+    with pytest.raises(ValueError, match="--hub_model_id"):
+        example.main(base)
+    with pytest.raises(ValueError, match="not a valid Hub repository id"):
+        example.main(base + ["--hub_model_id", "a/b/c"])
+    with pytest.raises(ValueError, match="hub_model_id"):
+        export_run(run_dir, out, stds=[0.05], push_to_hub=True)
+    assert not out.exists() and not hub.repos and not hub.commits
+    with pytest.raises(ValueError, match="repository id"):
+        push_to_hub(tmp_path, "")
+
+
+@pytest.mark.parametrize(
+    "stds, step, match",
+    [([0.05, 0.3], None, "0.3"), ([0.05], 4, "no EMA snapshot at step 4"), (["0.05", "wide"], None, "'wide'")],
+)
+def test_unreconstructable_std_is_a_clear_error(run_dir, tmp_path, stds, step, match):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        export_pipelines(run_dir, stds, out, step=step)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir()], "no staging folder may be left behind"
+
+
+def test_existing_output_folder_is_never_touched_without_overwrite(run_dir, export_dir, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_pipelines(run_dir, [0.05], out, sample_grid=False)
+    with pytest.raises(ValueError, match="not a pipeline export"):
+        export_pipelines(run_dir, [0.05], out, overwrite=True, sample_grid=False)
+    assert all_files(out) == {"notes.txt"} and (out / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="would contain the run folder"):
+        export_pipelines(run_dir, [0.05], run_dir, overwrite=True)
+
+    previous = tmp_path / "previous"
+    shutil.copytree(export_dir, previous)
+    before = snapshot(previous)
+    with pytest.raises(FileExistsError):
+        export_pipelines(run_dir, [0.10], previous, sample_grid=False)
+    assert snapshot(previous) == before
+    export_pipelines(run_dir, [0.10], previous, overwrite=True, sample_grid=False)
+    assert not (previous / "ema-0.100").exists() and read_export_info(previous)["variants"][0]["std"] == 0.10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "previous"]
+
+
+def test_best_without_a_sweep_is_a_clear_error(run_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="best.json"):
+        export_pipelines(run_dir, "best", tmp_path / "out")
+
+
+def test_check_export_refuses_pickles(export_dir, tmp_path):
+    local = tmp_path / "copy"
+    shutil.copytree(export_dir, local)
+    torch.save({"w": torch.zeros(1)}, local / "ema-0.100" / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="safetensors weights only"):
+        check_export(local)
+    with pytest.raises(ValueError, match="safetensors weights only"):
+        push_to_hub(local, "alice/x")
+
+
+def test_export_run_defaults_to_the_config_stds(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    result = export_run(run, sample_grid=False)
+    assert result.output_dir == run / "pipeline"
+    assert [s for s, _ in result.variants] == [0.05, 0.10]
+    check_export(run / "pipeline")
+
+
+def test_class_conditional_export(tmp_path):
+    run = make_run(tmp_path / "run", stds=(0.10,), num_class_embeds=3)
+    out = tmp_path / "out"
+    export_pipelines(run, [0.10], out)
+    card = ModelCard.load(out / "README.md")
+    assert "class-conditional-image-generation" in card.data.tags and "class-conditional (3 classes)" in card.text
+    pipe = load_pipeline(out)
+    images = pipe(batch_size=2, class_labels=[0, 2], num_inference_steps=STEPS, output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The bundler, on a small package written here.
+
+
+def write_package(root: Path, name: str, files: dict[str, str]) -> None:
+    for rel, code in files.items():
+        path = root / name / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(code))
+
+
+def test_bundle_flattens_relative_aliased_nested_and_reexported_imports(tmp_path, monkeypatch):
+    name = "bundletestpkg"
+    write_package(
+        tmp_path,
+        name,
+        {
+            "__init__.py": "from .core.math import double\n",
+            "core/__init__.py": "",
+            "core/math.py": """
+                from __future__ import annotations
+
+                SCALE = 2
+
+                def double(x):
+                    return SCALE * x
+
+                __all__ = ["double"]
+            """,
+            "app.py": """
+                import math
+
+                from . import double as _unused  # noqa
+                from .core.math import (
+                    SCALE,
+                    double as twice,
+                )
+
+                def run(x):
+                    from bundletestpkg.core.math import double
+                    return twice(x) + double(x) + SCALE + math.floor(0.5)
+
+                __all__ = ["run"]
+            """,
+        },
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = bundle_module(f"{name}.app", header="test bundle", package=name)
+    lines = [line for line in code.splitlines() if line.strip()]
+    assert lines[:2] == ["# test bundle", "from __future__ import annotations"]
+    assert name not in re.sub(r"^# .*$", "", code, flags=re.M), "package imports must all be gone"
+    scope = {}
+    exec(compile(code, "bundle", "exec"), scope)
+    assert scope["run"](5) == 10 + 10 + 2
+    assert scope["__all__"] == ["run"]
+
+
+@pytest.mark.parametrize(
+    "app, match",
+    [
+        ("from .a import f\ndef f():\n    return 2\n", "means different things"),
+        ("from .a import *\n", "import names explicitly"),
+        ("import {name}.a\n", "cannot be bundled"),
+        ("from . import a\n", "imports a module"),
+    ],
+)
+def test_bundle_errors(tmp_path, monkeypatch, app, match):
+    name = "bundleerrpkg" + str(abs(hash(match)) % 10_000)
+    write_package(
+        tmp_path, name, {"__init__.py": "", "a.py": "def f():\n    return 1\n", "app.py": app.format(name=name)}
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BundleError, match=match):
+        bundle_module(f"{name}.app", package=name)
