@@ -1,8 +1,8 @@
 """Export of post-hoc EMA variants as diffusers pipelines: layout, remote code, model card, Hub push, bad input.
 
-The run folder is built for real (tiny U-Net, power-function EMA, snapshots, YAML config); loading is checked in fresh
-subprocesses with and without the package importable. The only fake is the Hub's network boundary
-(``HfApi.create_repo`` / ``HfApi.create_commit`` and ``snapshot_download``).
+The run folder comes from a real short digits training run (tiny Config G U-Net, power-function EMA snapshots, the
+trainer's config.yaml); loading is checked in fresh subprocesses with and without the package importable. The only
+fake is the Hub's network boundary (``HfApi.create_repo`` / ``HfApi.create_commit`` and ``snapshot_download``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import tiny_unet_config
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from safetensors.torch import load_file
 
 from edm2_diffusers import EDM2UNet2DModel
-from edm2_diffusers.ema import PowerFunctionEMA, reconstruct
+from edm2_diffusers.ema import reconstruct
 from edm2_diffusers.hub import (
     BundleError,
     bundle_module,
@@ -38,41 +39,40 @@ from edm2_diffusers.hub import (
     template_text,
 )
 from edm2_diffusers.hub.push import export_files
-from edm2_diffusers.training.config import default_config, dump_config
+from edm2_diffusers.training import load_config, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2  # sampler steps used by the tests (3 network evaluations)
 
 
-def make_run(run_dir: Path, stds=(0.05, 0.10), **model_overrides) -> Path:
-    """A short 'training run': random parameter updates tracked by the power-function EMA, snapshots at steps 3, 6."""
-    torch.manual_seed(0)
-    model_cfg = tiny_unet_config(**model_overrides)
-    unet = EDM2UNet2DModel(**model_cfg)
-    ema = PowerFunctionEMA(unet, stds=stds)
-    nimg = 0
-    for step in range(1, 7):
-        with torch.no_grad():
-            for p in unet.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        nimg += 16
-        ema.update(cur_nimg=nimg, batch_size=16)
-        if step % 3 == 0:
-            ema.save_snapshots(str(run_dir), step=step, nimg=nimg)
-    cfg = default_config()
-    cfg["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in model_cfg.items()}
-    cfg["ema"] = {"stds": list(stds)}
-    cfg["data"]["source"] = "sklearn_digits"
-    cfg["training"]["output_dir"] = str(run_dir)
-    cfg["training"]["total_batch_size"] = 16
-    cfg["sampling"].update(num_inference_steps=STEPS, grid_rows=2, grid_cols=3, seed=5)
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+def train_run(run_dir: Path, **model_overrides) -> Path:
+    """A short digits training run of a tiny Config G U-Net with the power-function EMA (snapshots at steps 3, 6)."""
+    model = tiny_unet_config(**model_overrides)
+    cfg = {
+        "model": {k: list(v) if isinstance(v, tuple) else v for k, v in model.items()},
+        "data": {"source": "sklearn_digits", "max_train_samples": 64},
+        "training": {
+            "train_batch_size": 16,
+            "max_train_steps": 6,
+            "checkpointing_steps": 0,
+            "sample_every_steps": 0,
+            "report_to": "none",
+            "seed": 0,
+        },
+        "ema": {"type": "power", "stds": [0.05, 0.10], "snapshot_every_steps": 3},
+        "sampling": {"num_inference_steps": STEPS, "grid_rows": 2, "grid_cols": 3, "seed": 5},
+    }
+    if model.get("num_class_embeds"):
+        cfg["data"]["label_column"] = "label"
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    train(load_config(path, {"training.output_dir": str(run_dir)}))
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("run"))
+    return train_run(tmp_path_factory.mktemp("digits") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -344,18 +344,75 @@ def test_sample_grid_shape(export_dir):
         assert img.size == (3 * 64, 2 * 64) and img.mode == "L"
 
 
-def test_card_shows_the_sweep_fid_and_best_std(run_dir, tmp_path):
+class ToyFeatures(torch.nn.Module):
+    """A fixed random projection of 8x8 images to 4 features (the sweep's feature-extractor convention)."""
+
+    name = "toy"
+    num_features = 4
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randn(64, 4, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, images):
+        return images.flatten(1).float() @ self.w
+
+
+def test_stds_best_reads_the_real_ema_sweep(run_dir, tmp_path):
+    from edm2_diffusers.evaluation.fid import FeatureStats
+    from edm2_diffusers.evaluation.sweep import sweep_ema
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    reference = FeatureStats.from_features(torch.randn(32, 4, generator=torch.Generator().manual_seed(1)), "toy")
+    sweep = sweep_ema(
+        str(run),
+        [0.05, 0.12],
+        ToyFeatures(),
+        reference,
+        num_images=8,
+        num_inference_steps=STEPS,
+        batch_size=8,
+        output_dir=str(run / "sweep"),
+        progress=False,
+    )
+    other = 0.12 if sweep.best_std == 0.05 else 0.05
+    result = export_pipelines(run, f"best,{other}", tmp_path / "out", sample_grid=False)
+    assert [s for s, _ in result.variants] == [sweep.best_std, other]
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.metrics == ["fd"]
+    assert "| EMA std σ_rel | folder | FD |" in card.text
+    for row in sweep.rows:
+        folder = "`(root)`" if row["std"] == sweep.best_std else f"`ema-{row['std']:.3f}/`"
+        assert f"| {row['std']:.3f} | {folder} | {row['fd']:.4g} |" in card.text
+    assert "8 generated images" in card.text and "toy features" in card.text
+
+
+def test_sweep_metrics_only_for_the_step_they_were_measured_at(run_dir, tmp_path):
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    best = {"std": 0.08, "metric": "fid", "value": 12.5, "results": [{"std": 0.05, "fid": 14.0}, {"std": 0.08}]}
+    best = {
+        "std": 0.08,
+        "metric": "fid",
+        "value": 12.5,
+        "step": 6,
+        "results": [{"std": 0.05, "fid": 14.0, "confident": 0.9}, {"std": 0.08, "fid": 12.5, "confident": 0.95}],
+        "settings": {"num_images": 50000, "num_inference_steps": 32, "feature_extractor": "inception"},
+    }
     (sweep / "best.json").write_text(json.dumps(best))
     out = tmp_path / "out"
     result = export_pipelines(run_dir, "best,0.05", out, sweep_dir=sweep, sample_grid=False)
     assert [s for s, _ in result.variants] == [0.08, 0.05]
     card = ModelCard.load(out / "README.md")
-    assert "fid" in card.data.metrics
-    assert "| 0.080 | `(root)` | 12.5 |" in card.text and "| 0.050 | `ema-0.050/` | 14 |" in card.text
+    assert card.data.metrics == ["fid"]
+    assert "| EMA std σ_rel | folder | FID | confident share |" in card.text
+    assert "| 0.080 | `(root)` | 12.5 | 0.95 |" in card.text and "| 0.050 | `ema-0.050/` | 14 | 0.9 |" in card.text
+    assert "50,000 generated images, 32 sampler steps, inception features" in card.text
     assert not (out / "samples.png").exists() and "samples.png" not in card.text
+
+    export_pipelines(run_dir, "best", tmp_path / "at3", step=3, sweep_dir=sweep / "best.json", sample_grid=False)
+    card = ModelCard.load(tmp_path / "at3" / "README.md")
+    assert card.data.metrics is None and "FID" not in card.text and "| 0.080 | `(root)` |" in card.text
 
 
 def test_template_is_package_data_and_model_cards_points_to_it():
@@ -532,14 +589,16 @@ def test_export_run_defaults_to_the_config_stds(run_dir, tmp_path):
 
 
 def test_class_conditional_export(tmp_path):
-    run = make_run(tmp_path / "run", stds=(0.10,), num_class_embeds=3)
+    run = train_run(tmp_path / "run", num_class_embeds=10)
     out = tmp_path / "out"
     export_pipelines(run, [0.10], out)
     card = ModelCard.load(out / "README.md")
-    assert "class-conditional-image-generation" in card.data.tags and "class-conditional (3 classes)" in card.text
+    assert "class-conditional-image-generation" in card.data.tags and "class-conditional (10 classes)" in card.text
+    assert "one class per row" in card.text and (out / "samples.png").is_file()
     pipe = load_pipeline(out)
-    images = pipe(batch_size=2, class_labels=[0, 2], num_inference_steps=STEPS, output_type="np").images
-    assert images.shape == (2, 8, 8, 1)
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+    images = pipe(batch_size=2, class_labels=[0, 9], latents=noise, num_inference_steps=STEPS, output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and not np.allclose(images[0], images[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------

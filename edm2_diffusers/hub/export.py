@@ -160,11 +160,11 @@ def _as_float(value, what: str, path: Path) -> float:
 
 
 def read_sweep(run_dir: str | os.PathLike, sweep_dir: str | os.PathLike | None = None, required: bool = True) -> dict:
-    """Read the EMA sweep's ``best.json``: the best std and the metrics known per std.
+    """Read the EMA sweep's ``best.json`` (written by :func:`edm2_diffusers.evaluation.sweep.sweep_ema`).
 
-    Accepted content: ``{"std": 0.1, "metric": "fid", "value": 3.2, "results": [{"std": 0.05, "fid": 3.9}, ...]}``
-    (``best_std`` for ``std``; ``results`` optional; every numeric key of a result other than ``std``/``step`` is a
-    metric).
+    Format: ``{"std": 0.1, "metric": "fid", "value": 3.2, "step": 4000, "results": [{"std": 0.05, "fid": 3.9,
+    "confident": 0.93}, ...], "settings": {...}}``. Every numeric key of a ``results`` row other than ``std`` is a
+    metric of that std; ``metric``/``value`` give the best std's.
 
     Args:
         run_dir (`str` or `os.PathLike`): the run folder; the default location is ``run_dir/sweep/best.json``.
@@ -172,48 +172,47 @@ def read_sweep(run_dir: str | os.PathLike, sweep_dir: str | os.PathLike | None =
         required (`bool`): raise if the file is missing (else return ``{}``).
 
     Returns:
-        `dict`: ``{"std": float, "metrics": {std: {name: value}}, "path": str}``.
+        `dict`: ``{"std": float, "metric": str | None, "step": int | None, "metrics": {std: {name: value}},
+        "settings": dict, "path": str}``.
     """
     path = _sweep_file(Path(run_dir), sweep_dir)
     if not path.is_file():
         if required:
             raise FileNotFoundError(
-                f"stds='best' needs the EMA sweep's result {path}; run the sweep first or pass the stds explicitly "
-                "(or point --sweep_dir at the sweep's folder)"
+                f"stds='best' needs the EMA sweep's result {path}; run the sweep first (examples/sweep_ema.py), "
+                "point --sweep_dir at its folder, or pass the stds explicitly"
             )
         return {}
     try:
         best = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(best, dict):
-        raise ValueError(f"{path} must hold a JSON object with the best 'std'")
-    entry = best.get("best") if isinstance(best.get("best"), dict) else best
-    std = entry.get("std", entry.get("best_std"))
-    if std is None:
-        raise ValueError(f"{path} names no best std (expected a key 'std' or 'best_std')")
-    std = _as_float(std, "the best std", path)
+    if not isinstance(best, dict) or best.get("std") is None:
+        raise ValueError(f"{path} names no best EMA std (expected a JSON object with a key 'std')")
+    std = _as_float(best["std"], "the best std", path)
     metrics: dict[float, dict] = {}
-
-    def add(row: dict):
-        if "std" not in row:
-            return
-        s = _as_float(row["std"], "std", path)
-        for key, value in row.items():
-            if key in ("std", "step", "nimg", "metric", "value", "best_std") or isinstance(value, bool):
-                continue
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                metrics.setdefault(s, {})[key.upper() if key.lower() == "fid" else key] = float(value)
-
     for row in best.get("results") or []:
-        if isinstance(row, dict):
-            add(row)
-    metric_name, value = entry.get("metric"), entry.get("value")
-    if isinstance(metric_name, str) and isinstance(value, (int, float)):
-        name = metric_name.upper() if metric_name.lower() == "fid" else metric_name
-        metrics.setdefault(std, {})[name] = float(value)
-    add({k: v for k, v in entry.items() if k != "best_std"} | {"std": std})
-    return {"std": std, "metrics": metrics, "path": str(path)}
+        if not isinstance(row, dict) or "std" not in row:
+            continue
+        values = {
+            k: float(v)
+            for k, v in row.items()
+            if k != "std" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
+        if values:
+            metrics.setdefault(_as_float(row["std"], "std", path), {}).update(values)
+    metric, value = best.get("metric"), best.get("value")
+    if isinstance(metric, str) and isinstance(value, (int, float)) and math.isfinite(value):
+        metrics.setdefault(std, {})[metric] = float(value)
+    step = best.get("step")
+    return {
+        "std": std,
+        "metric": metric if isinstance(metric, str) else None,
+        "step": int(step) if isinstance(step, (int, float)) else None,
+        "metrics": metrics,
+        "settings": best.get("settings") if isinstance(best.get("settings"), dict) else {},
+        "path": str(path),
+    }
 
 
 def parse_stds(stds) -> list:
@@ -389,6 +388,21 @@ def _resolve_stds(stds, run_dir: Path, sweep_dir) -> tuple[list[float], dict]:
     return stds, sweep
 
 
+def _metrics_note(sweep: dict) -> str:
+    settings = sweep.get("settings") or {}
+    parts = []
+    if settings.get("num_images"):
+        parts.append(f"{int(settings['num_images']):,} generated images")
+    if settings.get("num_inference_steps"):
+        parts.append(f"{int(settings['num_inference_steps'])} sampler steps")
+    if settings.get("feature_extractor"):
+        parts.append(f"{settings['feature_extractor']} features")
+    how = f" ({', '.join(parts)})" if parts else ""
+    return (
+        f"Metrics from the post-hoc EMA sweep{how}; lower FID/FD is better. Its best EMA std was {sweep['std']:.3f}."
+    )
+
+
 def _metrics_for(std: float, known: dict) -> dict:
     for s, values in known.items():
         if abs(float(s) - std) < 5e-7:
@@ -465,7 +479,15 @@ def export_pipelines(
         stds_text = ", ".join(f"{s:g}" for s in std_list)
         raise type(err)(f"cannot reconstruct EMA std(s) {stds_text} from {run_dir}: {err}") from err
 
-    known_metrics = dict(sweep.get("metrics") or {})
+    # The sweep's metrics describe the weights at the sweep's step; show them only for an export at that step.
+    sweep_applies = bool(sweep.get("metrics")) and sweep.get("step") in (None, rec.step)
+    if sweep.get("metrics") and not sweep_applies:
+        logger.warning(
+            "the EMA sweep ran at step %s, this export is at step %s: its metrics are left out of the card",
+            sweep.get("step"),
+            rec.step,
+        )
+    known_metrics = {s: dict(v) for s, v in sweep["metrics"].items()} if sweep_applies else {}
     for s, values in (metrics or {}).items():
         known_metrics.setdefault(float(s), {}).update(values)
 
@@ -534,10 +556,7 @@ def export_pipelines(
             "variants": variants,
             "sample_grid": grid_file,
             "sample_seed": grid_seed,
-            "metrics_source": sweep.get("path"),
-            "metrics_note": (
-                f"Metrics from the EMA sweep ({Path(sweep['path']).name})." if sweep.get("metrics") else None
-            ),
+            "metrics_note": _metrics_note(sweep) if sweep_applies else None,
         }
         write_model_card(staging, info, info["repo_id"])
         check_export(staging)

@@ -53,6 +53,14 @@ def template_text(name: str = TEMPLATE_NAME) -> str:
     return resource.read_text(encoding="utf-8")
 
 
+# How the card labels metrics of the EMA sweep (raw names as in best.json).
+METRIC_LABELS = {"fid": "FID", "fd": "FD", "confident": "confident share"}
+
+
+def metric_label(name: str) -> str:
+    return METRIC_LABELS.get(name.lower(), name)
+
+
 def _human(n: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
@@ -115,7 +123,7 @@ def card_context(info: dict, repo_id: str) -> dict:
         images_seen_human=_human(info["run"]["nimg"]),
         dataset_text=info["dataset"]["text"],
         variants=variants,
-        metric_header="".join(f" {n} |" for n in metric_names),
+        metric_header="".join(f" {metric_label(n)} |" for n in metric_names),
         metric_separator="---|" * len(metric_names),
         metrics_note=info.get("metrics_note"),
         sampling=info["sampling"],
@@ -145,7 +153,7 @@ def card_data(info: dict) -> ModelCardData:
         license=info.get("license"),
         tags=tags,
         datasets=[info["dataset"]["name"]] if info["dataset"].get("name") else None,
-        metrics=sorted({n.lower() for v in info["variants"] for n in v.get("metrics", {})}) or None,
+        metrics=sorted({n.lower() for v in info["variants"] for n in v.get("metrics", {})} & {"fid", "fd"}) or None,
         model_name=info["model_name"],
     )
     return data
