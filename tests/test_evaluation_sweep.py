@@ -1,0 +1,222 @@
+"""EMA sweep, the evaluation scripts, and multi-process generation, on a tiny digits run made by the real trainer."""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edm2_diffusers import EDM2Pipeline, EDMHeunScheduler
+from edm2_diffusers.evaluation import digits_reference_stats, evaluate_pipeline
+from edm2_diffusers.evaluation.sweep import parse_stds, plot_sweep, run_scheduler, sweep_ema
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    path = str(tmp_path_factory.getbasetemp() / "edm2_cache")
+    os.environ["EDM2_DIFFUSERS_CACHE"] = path
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """12 optimizer steps of a tiny class-conditional digits model, EMA snapshots every 4 steps."""
+    from edm2_diffusers.training.config import load_config
+    from edm2_diffusers.training.loop import train
+
+    out = str(tmp_path_factory.mktemp("run"))
+    cfg = load_config(ROOT / "configs" / "digits" / "G.yaml")
+    cfg["model"].update(model_channels=16, channel_mult=[1, 2], num_blocks=1, channels_per_head=16, logvar_channels=16)
+    cfg["training"].update(
+        output_dir=out,
+        max_train_steps=12,
+        total_batch_size=32,
+        checkpointing_steps=0,
+        sample_every_steps=0,
+        report_to="none",
+        lr_warmup_images=0,
+    )
+    cfg["ema"].update(stds=[0.05, 0.10], snapshot_every_steps=4)
+    cfg["sampling"].update(grid_rows=2, grid_cols=2, num_inference_steps=2)
+    train(cfg)
+    return out
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parse_stds():
+    assert parse_stds("0.05:0.15:0.05") == [0.05, 0.1, 0.15]
+    assert len(parse_stds("0.02:0.20:0.01")) == 19
+    assert parse_stds("0.10,0.05,0.10") == [0.05, 0.1]
+    for bad in ("0.05:0.15", "a,b", "0.1:0.05:0.01", "0.05:0.1:0", "0.3", ""):
+        with pytest.raises(ValueError):
+            parse_stds(bad)
+
+
+def test_sweep_writes_csv_plot_and_best(tiny_run, cache_dir, tmp_path):
+    out = str(tmp_path / "sweep")
+    result = sweep_ema(
+        tiny_run,
+        "0.05,0.10,0.15",
+        "digits",
+        digits_reference_stats(),
+        num_images=16,
+        num_inference_steps=2,
+        batch_size=8,
+        output_dir=out,
+        progress=False,
+    )
+    with open(os.path.join(out, "sweep.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["std"]) for r in rows] == [0.05, 0.1, 0.15]
+    values = [float(r["fd"]) for r in rows]
+    assert all(math.isfinite(v) for v in values)
+    assert len(set(values)) == 3  # each EMA length is its own network
+    assert all(0 <= float(r["confident"]) <= 1 and int(r["step"]) == 12 for r in rows)
+    with Image.open(os.path.join(out, "sweep.png")) as img:
+        assert img.size == (720, 480)
+        assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 10  # something was drawn
+
+    best = json.loads(Path(out, "best.json").read_text())
+    assert best["std"] == result.best_std == [0.05, 0.1, 0.15][values.index(min(values))]
+    assert best["value"] == pytest.approx(min(values)) and best["metric"] == "fd"
+
+    # The export reads the winner from this file (export_pipeline.py --stds best --sweep_dir OUT).
+    from edm2_diffusers.hub.export import read_sweep
+
+    assert read_sweep(tiny_run, out)["std"] == best["std"]
+
+    with pytest.raises(FileExistsError, match="overwrite"):
+        sweep_ema(tiny_run, "0.05", "digits", digits_reference_stats(), 4, 2, output_dir=out, progress=False)
+    assert len(Path(out, "sweep.csv").read_text().splitlines()) == 4  # untouched
+
+
+def test_sweep_is_reproducible_and_matches_direct_evaluation(tiny_run, cache_dir):
+    from edm2_diffusers.ema import reconstruct
+
+    ref = digits_reference_stats()
+    a = sweep_ema(tiny_run, [0.1], "digits", ref, 10, 2, batch_size=5, progress=False)
+    rec = reconstruct(tiny_run, [0.1])
+    pipe = EDM2Pipeline(rec.model(0), run_scheduler(tiny_run))
+    direct = evaluate_pipeline(pipe, "digits", ref, 10, batch_size=5, num_inference_steps=2, progress=False)
+    assert a.rows[0]["fd"] == pytest.approx(direct.fd, rel=1e-6)
+    assert a.files == {}  # nothing written without an output folder
+
+
+def test_run_scheduler_reads_run_config(tiny_run, tmp_path):
+    sched = run_scheduler(tiny_run)
+    assert sched.config.sigma_max == 80.0 and sched.config.sigma_data == 0.5
+    (tmp_path / "config.yaml").write_text("sampling: {sigma_max: 40.0, rho: 5.0}\ntraining: {sigma_data: 0.25}\n")
+    sched = run_scheduler(str(tmp_path))
+    assert (sched.config.sigma_max, sched.config.rho, sched.config.sigma_data) == (40.0, 5.0, 0.25)
+
+
+def test_plot_marks_best(tmp_path):
+    path = plot_sweep(str(tmp_path / "p.png"), [0.05, 0.1, 0.15], [3.0, 1.0, float("nan")], 1, "fid", 100)
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB")).astype(int)
+    red = int(((rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)).sum())
+    assert red > 20
+
+
+def test_scripts_sweep_and_linear_probe(tiny_run, cache_dir, tmp_path, capsys):
+    sweep = load_script("sweep_ema")
+    result = sweep.main(
+        [
+            "--run_dir",
+            tiny_run,
+            "--stds",
+            "0.05:0.15:0.05",
+            "--num_images",
+            "8",
+            "--num_inference_steps",
+            "2",
+            "--batch_size",
+            "8",
+            "--feature_extractor",
+            "digits",
+        ]
+    )
+    assert len(result.rows) == 3
+    assert os.path.isfile(os.path.join(tiny_run, "sweep", "best.json"))  # default place, where the export looks
+    printed = capsys.readouterr().out
+    assert "best EMA std" in printed and printed.count("std 0.") >= 3
+
+    probe = load_script("linear_probe")
+    out = probe.main(["--run_dir", tiny_run, "--ema_std", "0.1", "--num_epochs", "3"])
+    printed = capsys.readouterr().out
+    assert "linear probe accuracy:" in printed and f"{out.accuracy:.4f}" in printed
+    assert out.accuracy > 0.2  # chance is 0.1
+
+    with pytest.raises(ValueError, match="decoder block"):
+        probe.main(["--run_dir", tiny_run, "--block", "64x64_up", "--num_epochs", "1"])
+
+
+def test_multiprocess_generation_covers_request(tiny_run, cache_dir, tmp_path):
+    """Two CPU processes split the seeds; their union is the request and the result equals one process's."""
+    from edm2_diffusers.ema import reconstruct
+
+    pipe_dir = str(tmp_path / "pipe")
+    EDM2Pipeline(reconstruct(tiny_run, [0.1]).model(0), EDMHeunScheduler()).save_pretrained(pipe_dir)
+    cache = str(tmp_path / "features")
+    common = [
+        "--pipeline",
+        pipe_dir,
+        "--feature_extractor",
+        "digits",
+        "--num_images",
+        "22",
+        "--batch_size",
+        "4",
+        "--num_inference_steps",
+        "2",
+        "--seed",
+        "7",
+    ]
+    args = common + ["--cache_dir", cache, "--output_json", str(tmp_path / "r.json")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", EDM2_DIFFUSERS_CACHE=cache_dir)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "examples" / "evaluate.py"),
+        *args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seeds = []
+    for name in os.listdir(cache):
+        if name.startswith("batch-"):
+            first, last = (int(v) for v in name[6:-4].split("-"))
+            seeds += range(first, last + 1)
+    assert sorted(seeds) == list(range(7, 29))
+    multi = json.loads((tmp_path / "r.json").read_text())
+    assert multi["num_images"] == 22
+
+    # One process, no cache: the same images, hence the same distance.
+    single = load_script("evaluate").main(common)
+    assert single["fd"] == pytest.approx(multi["fd"], rel=1e-5)
+    assert single["confident"] == pytest.approx(multi["confident"])
