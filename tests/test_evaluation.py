@@ -272,3 +272,25 @@ def test_block_features_hook_and_errors():
     assert not unet.dec["4x4_block0"]._forward_hooks  # hook removed
     with pytest.raises(ValueError, match="8x8_up"):
         block_features(unet, images, "nope")
+
+
+# -- extractors and reference statistics: clear errors --------------------------------------------------------------
+
+
+def test_extractor_errors(tmp_path):
+    from edm2_diffusers.evaluation import get_feature_extractor
+
+    with pytest.raises(ValueError, match="unknown feature extractor"):
+        get_feature_extractor("clip")
+    with pytest.raises(ValueError, match="num_features"):
+        FeatureFrechetDistance(torch.nn.Identity())
+    with pytest.raises(ValueError, match="no reference statistics"):
+        reference_stats(None, MeanPool())
+    with pytest.raises(ValueError, match="exactly one"):
+        FeatureFrechetDistance(MeanPool()).update()
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        # Offline machines lack torch-fidelity: the Inception path says how to get it instead of failing obscurely.
+        with pytest.raises(ModuleNotFoundError, match=r"edm2-diffusers\[metrics\]"):
+            get_feature_extractor("inception")
