@@ -179,9 +179,13 @@ def test_generation_resumes_from_cache(tmp_path, tiny_pipe):
     )
     assert uncached.fd == pytest.approx(full.fd, rel=1e-6)
 
-    # Other settings must not reuse these images.
+    # Other settings, or other weights at the same path, must not reuse these images.
     with pytest.raises(ValueError, match="num_inference_steps"):
         evaluate_pipeline(tiny_pipe, MeanPool(), ref, 20, cache_dir=cache, **{**kw, "num_inference_steps": 3})
+    with torch.no_grad():
+        next(tiny_pipe.unet.parameters()).add_(0.01)
+    with pytest.raises(ValueError, match="weights"):
+        evaluate_pipeline(tiny_pipe, MeanPool(), ref, 20, cache_dir=cache, **kw)
 
 
 def test_feature_cache_ignores_foreign_files(tmp_path):
@@ -255,7 +259,12 @@ def test_linear_probe_beats_chance_on_digits():
     # Labels shuffled against the images: nothing to learn, accuracy falls to about chance.
     perm = torch.randperm(len(test[1]), generator=torch.Generator().manual_seed(0))
     shuffled = linear_probe(
-        unet, train[0], train[1][torch.randperm(len(train[1]))], test[0], test[1][perm], num_epochs=4
+        unet,
+        train[0],
+        train[1][torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(1))],
+        test[0],
+        test[1][perm],
+        num_epochs=4,
     )
     assert shuffled.accuracy < 0.2
 

@@ -18,7 +18,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .fid import FeatureFrechetDistance, FeatureStats, get_feature_extractor
-from .generation import FeatureCache, iter_generated_features
+from .generation import FeatureCache, iter_generated_features, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +220,8 @@ def evaluate_pipeline(
         seed (`int`): seed of image 0; image i uses seed + i (see :func:`.generation.seed_ranges`).
         accelerator (`accelerate.Accelerator`, *optional*): multi-process generation; ``None`` runs on the CPU.
         cache_dir (`str`, *optional*): per-batch feature cache making the run resumable.
-        cache_settings (`dict`, *optional*): what identifies the model in the cache (e.g. its path); the generation
-            settings are added automatically.
+        cache_settings (`dict`, *optional*): anything else that identifies the run in the cache (e.g. the model's
+            path); the SHA-256 of the networks' weights and the generation settings are added automatically.
         class_labels (*optional*): passed to the pipeline; ``None`` draws random classes for conditional models.
         confidence_threshold (`float`): threshold of the ``confident`` share for classifier extractors.
         progress (`bool`): show a progress bar.
@@ -237,7 +237,9 @@ def evaluate_pipeline(
     cache = None
     if cache_dir is not None:
         settings = dict(cache_settings or {})
+        nets = {k: getattr(pipeline, k, None) for k in ("unet", "guidance_unet", "vae")}
         settings.update(
+            weights={k: model_fingerprint(v) for k, v in nets.items() if isinstance(v, nn.Module)},
             batch_size=batch_size,
             num_inference_steps=num_inference_steps,
             seed=seed,

@@ -54,6 +54,18 @@ def seed_ranges(num_images: int, num_processes: int, batch_size: int, seed: int 
     return out
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes): ties cached features to the exact weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def _batch_file(seeds: range) -> str:
     return f"batch-{seeds.start:09d}-{seeds.stop - 1:09d}.npz"
 
@@ -211,4 +223,4 @@ def iter_generated_features(
         yield seeds, arrays
 
 
-__all__ = ["FeatureCache", "generate_batch", "iter_generated_features", "seed_ranges"]
+__all__ = ["FeatureCache", "generate_batch", "iter_generated_features", "model_fingerprint", "seed_ranges"]
