@@ -94,18 +94,20 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 # Layout and weights.
 
 
+ROOT_PIPELINE_FILES = {
+    "model_index.json",
+    "pipeline_edm2.py",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/unet_edm2.py",
+    "scheduler/scheduler_config.json",
+    "scheduler/scheduling_edm_heun.py",
+}
+
+
 def test_export_layout_holds_only_safetensors_weights_and_a_card(export_dir):
-    pipeline_files = {
-        "model_index.json",
-        "pipeline_edm2.py",
-        "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors",
-        "unet/unet_edm2.py",
-        "scheduler/scheduler_config.json",
-        "scheduler/scheduling_edm_heun.py",
-    }
-    expected = pipeline_files | {"README.md", "samples.png", "export_info.json"}
-    expected |= {f"ema-0.100/{f}" for f in pipeline_files}
+    expected = ROOT_PIPELINE_FILES | {"README.md", "samples.png", "export_info.json"}
+    expected |= {f"ema-0.100/{f}" for f in ROOT_PIPELINE_FILES}
     assert all_files(export_dir) == expected
     assert check_export(export_dir) == [export_dir, export_dir / "ema-0.100"]
     for folder in (export_dir, export_dir / "ema-0.100"):
@@ -113,6 +115,8 @@ def test_export_layout_holds_only_safetensors_weights_and_a_card(export_dir):
         assert index["_class_name"] == ["pipeline_edm2", "EDM2Pipeline"]
         assert index["unet"] == ["unet_edm2", "EDM2UNet2DModel"]
         assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
+    root_index = json.loads((export_dir / "model_index.json").read_text())
+    assert root_index["_ignore_files"] == sorted(f"ema-0.100/{f}" for f in ROOT_PIPELINE_FILES)
 
 
 def test_exported_weights_are_the_posthoc_reconstructions(run_dir, export_dir):
@@ -154,8 +158,8 @@ def test_custom_code_is_generated_from_the_package_sources(export_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # Loading in fresh processes, with and without the package.
 
-RUNNER = r'''
-import json, pathlib, shutil, sys, tempfile
+RUNNER = r"""
+import json, pathlib, shutil, sys, types
 
 spec = json.loads(pathlib.Path(sys.argv[1]).read_text())
 if spec["block"]:
@@ -170,52 +174,92 @@ if spec["block"]:
 import numpy as np
 import torch
 import huggingface_hub
+import diffusers.pipelines.pipeline_utils as pipeline_utils
+import diffusers.utils.dynamic_modules_utils as dynamic_modules_utils
 from diffusers import DiffusionPipeline
 from huggingface_hub.utils import filter_repo_objects
 
 
-def snapshot_download(repo_id, allow_patterns=None, **kwargs):
-    """The Hub's network boundary: serve the repository from the local export (only the files the patterns pick)."""
-    assert repo_id == spec["repo_id"], repo_id
-    src = pathlib.Path(spec["export"])
-    files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
-    dst = pathlib.Path(tempfile.mkdtemp(prefix="snapshot-", dir=spec["tmp"]))
-    for rel in filter_repo_objects(files, allow_patterns=allow_patterns):
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src / rel, dst / rel)
-    return str(dst)
+class FakeHub:
+    # The Hub's network boundary: one repository served from the local export into a local cache snapshot.
+
+    def __init__(self, repo_id, root, cache):
+        self.repo_id, self.root = repo_id, pathlib.Path(root)
+        self.files = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        self.snapshot = pathlib.Path(cache) / "snapshots" / ("0" * 40)
+        self.downloaded = []
+
+    def _fetch(self, repo_id, rel):
+        assert repo_id == self.repo_id, repo_id
+        if rel not in self.files:
+            raise FileNotFoundError(f"{rel} is not in {repo_id}")
+        dst = self.snapshot / rel
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.root / rel, dst)
+        self.downloaded.append(rel)
+        return str(dst)
+
+    def model_info(self, repo_id, **kwargs):
+        assert repo_id == self.repo_id, repo_id
+        return types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=f) for f in self.files], sha="0" * 40)
+
+    def hf_hub_download(self, repo_id, filename, subfolder=None, **kwargs):
+        return self._fetch(repo_id, f"{subfolder}/{filename}" if subfolder else filename)
+
+    def snapshot_download(self, repo_id, allow_patterns=None, ignore_patterns=None, **kwargs):
+        for rel in filter_repo_objects(self.files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            self._fetch(repo_id, rel)
+        return str(self.snapshot)
 
 
-huggingface_hub.snapshot_download = snapshot_download
+hub = FakeHub(spec["repo_id"], spec["export"], pathlib.Path(spec["tmp"]) / "hub-cache")
+huggingface_hub.snapshot_download = hub.snapshot_download
+for module in (pipeline_utils, dynamic_modules_utils):
+    for name in ("model_info", "hf_hub_download", "snapshot_download"):
+        if hasattr(module, name):
+            setattr(module, name, getattr(hub, name))
+
 report = {"snippets": {}, "variants": {}}
 arrays = {}
 for name, code in spec["snippets"].items():
+    hub.downloaded = []
     scope = {}
     exec(compile(code, f"<card snippet {name}>", "exec"), scope)
     report["snippets"][name] = [type(scope["pipe"]).__name__, len(scope["images"]), type(scope["images"][0]).__name__]
+    report["snippets"][name + ":downloaded"] = sorted(set(hub.downloaded))
+
+
+def sample(pipe):
+    gen = torch.Generator().manual_seed(0)
+    return pipe(batch_size=2, num_inference_steps=spec["steps"], generator=gen, output_type="np").images
+
 
 for variant in spec["variants"]:
     folder = str(pathlib.Path(spec["export"], variant))
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     report["variants"][variant] = [type(pipe).__name__, type(pipe).__module__, type(pipe.unet).__module__]
-    out = pipe(batch_size=2, num_inference_steps=spec["steps"], generator=torch.Generator().manual_seed(0),
-               output_type="np").images
-    arrays[variant] = out
+    arrays[variant] = sample(pipe)
     if not spec["block"]:
         from edm2_diffusers import EDM2Pipeline
         from edm2_diffusers.hub import load_pipeline
 
         pkg = load_pipeline(spec["export"], subfolder=variant)
         assert isinstance(pkg, EDM2Pipeline)
-        arrays["package:" + variant] = pkg(batch_size=2, num_inference_steps=spec["steps"],
-                                           generator=torch.Generator().manual_seed(0), output_type="np").images
+        arrays["package:" + variant] = sample(pkg)
         try:
             DiffusionPipeline.from_pretrained(folder)
         except ValueError as err:
             report["without_trust"] = str(err)
+
+# The root variant straight from the (faked) Hub repository.
+hub.downloaded = []
+pipe = DiffusionPipeline.from_pretrained(spec["repo_id"], trust_remote_code=True)
+report["hub_root_downloaded"] = sorted(set(hub.downloaded))
+arrays["hub:."] = sample(pipe)
 np.savez(spec["arrays"], **arrays)
 pathlib.Path(spec["report"]).write_text(json.dumps(report))
-'''
+"""
 
 
 def card_snippets(readme: str) -> dict[str, str]:
@@ -276,16 +320,21 @@ def reference_images(export_dir):
 
 
 def test_every_variant_loads_and_samples_without_the_package(export_dir, reference_images, tmp_path):
-    readme = (export_dir / "README.md").read_text()
-    snippets = card_snippets(readme)
-    repo_id = read_export_info(export_dir)["repo_id"]
-    runnable = {"root": snippets["root"].replace(repo_id, str(export_dir)), "variant": snippets["variant"]}
-    report, arrays = run_loader(export_dir, tmp_path / "blocked", block=True, snippets=runnable)
+    snippets = card_snippets((export_dir / "README.md").read_text())
+    # The card's snippets as written, against the (faked) Hub repository they name.
+    hub_snippets = {k: snippets[k] for k in ("root", "variant")}
+    report, arrays = run_loader(export_dir, tmp_path / "blocked", block=True, snippets=hub_snippets)
     for variant in (".", "ema-0.100"):
         name, module, unet_module = report["variants"][variant]
         assert name == "EDM2Pipeline" and module.startswith("diffusers_modules.")
         assert unet_module.startswith("diffusers_modules.")
         np.testing.assert_allclose(arrays[variant], reference_images[variant], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(arrays["hub:."], reference_images["."], rtol=0, atol=1e-6)
+    # From the Hub, the root pipeline downloads its own files only, not the other variants' weights (the snippet
+    # runs first, on an empty cache; the later load finds most files cached).
+    assert report["snippets"]["root:downloaded"] == sorted(ROOT_PIPELINE_FILES)
+    assert set(report["hub_root_downloaded"]) <= ROOT_PIPELINE_FILES
+    assert report["snippets"]["variant:downloaded"] == sorted(f"ema-0.100/{f}" for f in ROOT_PIPELINE_FILES)
     assert report["snippets"]["root"] == ["EDM2Pipeline", 4, "Image"]
     assert report["snippets"]["variant"] == ["EDM2Pipeline", 4, "Image"]
     assert (tmp_path / "blocked" / "edm2_sample.png").is_file()
@@ -296,6 +345,7 @@ def test_every_variant_loads_and_samples_with_the_package(export_dir, reference_
     repo_id = read_export_info(export_dir)["repo_id"]
     snippets = card_snippets(readme)
     assert set(snippets) == {"root", "variant", "package"}
+    # The snippets with the local export path substituted for the repository id (the variant one keeps the Hub).
     runnable = {
         "root": snippets["root"].replace(repo_id, str(export_dir)),
         "variant": snippets["variant"],

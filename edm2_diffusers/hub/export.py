@@ -388,6 +388,22 @@ def _resolve_stds(stds, run_dir: Path, sweep_dir) -> tuple[list[float], dict]:
     return stds, sweep
 
 
+def _ignore_variant_files(root: Path, folders: list[str]) -> None:
+    """List the other variants' files under ``_ignore_files`` in the root ``model_index.json``.
+
+    When diffusers downloads the root pipeline from the Hub it would otherwise fetch every safetensors file of the
+    repository, the other variants' weights included; ``_ignore_files`` (exact repository paths) keeps them out.
+    """
+    if not folders:
+        return
+    index_path = root / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index["_ignore_files"] = sorted(
+        p.relative_to(root).as_posix() for folder in folders for p in (root / folder).rglob("*") if p.is_file()
+    )
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _metrics_note(sweep: dict) -> str:
     settings = sweep.get("settings") or {}
     parts = []
@@ -513,6 +529,7 @@ def export_pipelines(
             variants.append({"std": std, "folder": folder, "metrics": _metrics_for(std, known_metrics)})
             if i == 0:
                 root_pipe = pipe
+        _ignore_variant_files(staging, [v["folder"] for v in variants[1:]])
 
         model_config = dict(rec.model_config)
         unet = root_pipe.unet
