@@ -174,8 +174,10 @@ if spec["block"]:
 import numpy as np
 import torch
 import huggingface_hub
+import diffusers.configuration_utils as configuration_utils
 import diffusers.pipelines.pipeline_utils as pipeline_utils
 import diffusers.utils.dynamic_modules_utils as dynamic_modules_utils
+import diffusers.utils.hub_utils as hub_utils
 from diffusers import DiffusionPipeline
 from huggingface_hub.utils import filter_repo_objects
 
@@ -214,8 +216,7 @@ class FakeHub:
 
 
 hub = FakeHub(spec["repo_id"], spec["export"], pathlib.Path(spec["tmp"]) / "hub-cache")
-huggingface_hub.snapshot_download = hub.snapshot_download
-for module in (pipeline_utils, dynamic_modules_utils):
+for module in (huggingface_hub, pipeline_utils, dynamic_modules_utils, configuration_utils, hub_utils):
     for name in ("model_info", "hf_hub_download", "snapshot_download"):
         if hasattr(module, name):
             setattr(module, name, getattr(hub, name))
@@ -257,6 +258,11 @@ hub.downloaded = []
 pipe = DiffusionPipeline.from_pretrained(spec["repo_id"], trust_remote_code=True)
 report["hub_root_downloaded"] = sorted(set(hub.downloaded))
 arrays["hub:."] = sample(pipe)
+if not spec["block"]:
+    # A variant from the Hub with the package's classes: configs and weights only, no code files.
+    hub.downloaded = []
+    arrays["hub-package:ema-0.100"] = sample(load_pipeline(spec["repo_id"], subfolder="ema-0.100"))
+    report["hub_package_downloaded"] = sorted(set(hub.downloaded))
 np.savez(spec["arrays"], **arrays)
 pathlib.Path(spec["report"]).write_text(json.dumps(report))
 """
@@ -357,6 +363,10 @@ def test_every_variant_loads_and_samples_with_the_package(export_dir, reference_
         np.testing.assert_allclose(arrays[variant], reference_images[variant], rtol=0, atol=1e-6)
         np.testing.assert_allclose(arrays["package:" + variant], reference_images[variant], rtol=0, atol=1e-6)
     assert report["snippets"]["package"] == ["EDM2Pipeline", 4, "Image"]
+    np.testing.assert_allclose(arrays["hub-package:ema-0.100"], reference_images["ema-0.100"], rtol=0, atol=1e-6)
+    assert report["hub_package_downloaded"] == sorted(
+        f"ema-0.100/{f}" for f in ROOT_PIPELINE_FILES if not f.endswith(".py")
+    )
     assert "trust_remote_code" in report["without_trust"]
 
 
