@@ -443,6 +443,7 @@ def export_pipelines(
     dataset: str | None = None,
     tags: list[str] | None = None,
     metrics: dict | None = None,
+    device: str | torch.device | None = None,
 ) -> ExportResult:
     """Export post-hoc EMA reconstructions of a run as ``EDM2Pipeline`` folders with a model card.
 
@@ -471,7 +472,8 @@ def export_pipelines(
         model_name (`str`, *optional*): title of the card (default: the repository or folder name).
         dataset (`str`, *optional*): Hub dataset id for the card (default: the run config's ``data.dataset_name``).
         tags (`list[str]`, *optional*): extra card tags.
-        metrics (`dict`, *optional*): ``{std: {"FID": value, ...}}`` to show in the card, over those of the sweep.
+        metrics (`dict`, *optional*): ``{std: {"fid": value, ...}}`` to show in the card, over those of the sweep.
+        device (`str` or `torch.device`, *optional*): where the sample grid is rendered (default: CUDA if available).
 
     Returns:
         `ExportResult`.
@@ -539,6 +541,7 @@ def export_pipelines(
         grid_seed = seed if seed is not None else int(sampling_cfg.get("seed") or 0)
         grid_file = None
         if sample_grid:
+            root_pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             image = render_sample_grid(root_pipe, int(rows), int(cols), sampling["num_inference_steps"], grid_seed)
             image.save(staging / SAMPLE_GRID_NAME)
             grid_file = SAMPLE_GRID_NAME
