@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -387,11 +387,6 @@ def load_latent_dataset(path: str | os.PathLike):
     return ds, read_latent_info(ds)
 
 
-def moments_batch(rows: Sequence) -> torch.Tensor:
-    """Rows of the ``latents`` column (arrays or tensors) → float32 tensor `(N, 2C, h, w)`."""
-    return torch.stack([torch.as_tensor(np.asarray(r, dtype=np.float32)) for r in rows])
-
-
 __all__ = [
     "LATENTS_COLUMN",
     "LATENT_INFO_KEY",
@@ -402,7 +397,6 @@ __all__ = [
     "encode_images",
     "images_to_tensor",
     "load_latent_dataset",
-    "moments_batch",
     "read_latent_info",
     "save_latent_dataset",
 ]
