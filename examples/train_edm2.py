@@ -28,6 +28,7 @@ FLAGS = {
     "label_column": "data.label_column",
     "resolution": "data.resolution",
     "random_flip": "data.random_flip",
+    "max_train_samples": "data.max_train_samples",
     "train_batch_size": "training.train_batch_size",
     "total_batch_size": "training.total_batch_size",
     "gradient_accumulation_steps": "training.gradient_accumulation_steps",

@@ -108,6 +108,9 @@ def test_missing_folder_and_missing_columns(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_train_dataset(data_cfg(train_data_dir=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        load_train_dataset(data_cfg(train_data_dir=str(tmp_path / "empty")))
     ds = datasets.Dataset.from_dict({"picture": [Image.new("RGB", (8, 8))] * 2, "label": [0, 1]})
     with pytest.raises(ValueError, match="no image column 'image'.*picture"):
         check_dataset(ds, data_cfg(), MODEL, "memory")

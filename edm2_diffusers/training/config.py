@@ -31,6 +31,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "label_column": (None, str, "column holding class labels (class-conditional models only)"),
         "resolution": (None, int, "resize (shorter side) and centre-crop images to this size; null: keep as stored"),
         "random_flip": (False, bool, "random horizontal flips"),
+        "max_train_samples": (None, int, "train on the first N examples only (quick tests)"),
     },
     "training": {
         "output_dir": (None, str, "where checkpoints, samples, logs and snapshots go"),
@@ -196,8 +197,9 @@ def apply_overrides(cfg: dict, overrides: dict[str, Any]) -> dict:
         if section not in SCHEMA or key not in SCHEMA[section]:
             raise ValueError(f"unknown config key {dotted!r}")
         for cleared in REPLACES.get(dotted, ()):
-            csec, _, ckey = cleared.partition(".")
-            cfg[csec][ckey] = None
+            if cleared not in overrides:  # two flags for one quantity stay both set, and validation says so
+                csec, _, ckey = cleared.partition(".")
+                cfg[csec][ckey] = None
         cfg[section][key] = _coerce(dotted, value, SCHEMA[section][key][1])
     return cfg
 
@@ -249,6 +251,8 @@ def validate_config(cfg: dict) -> dict:
     for key in ("train_batch_size", "total_batch_size", "num_epochs", "max_train_steps"):
         if train[key] is not None and train[key] < 1:
             raise ValueError(f"training.{key} must be positive, got {train[key]}")
+    if data["max_train_samples"] is not None and data["max_train_samples"] < 1:
+        raise ValueError(f"data.max_train_samples must be positive, got {data['max_train_samples']}")
     if train["train_batch_size"] is None and train["total_batch_size"] is None:
         raise ValueError("no batch size: set training.train_batch_size (per device) or training.total_batch_size")
     if train["num_epochs"] is None and train["max_train_steps"] is None:

@@ -20,6 +20,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DIGITS_IMAGE_COLUMN = "image"
 DIGITS_LABEL_COLUMN = "label"
 
@@ -89,6 +90,10 @@ def load_train_dataset(data_cfg: dict, dataset=None):
             raise ValueError("data.source is 'imagefolder' but no --train_data_dir was given")
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"--train_data_dir {folder!r} is not a directory")
+        if not any(
+            os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for _, _, names in os.walk(folder) for name in names
+        ):
+            raise ValueError(f"--train_data_dir {folder!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
         ds = datasets.load_dataset(
             "imagefolder",
             data_dir=folder,
@@ -110,6 +115,8 @@ def load_train_dataset(data_cfg: dict, dataset=None):
         raise ValueError(f"expected one split, got a DatasetDict with splits {list(ds)}; set data.dataset_split")
     if not isinstance(ds, datasets.Dataset):
         raise ValueError(f"expected a map-style datasets.Dataset, got {type(ds).__name__} (streaming is unsupported)")
+    if data_cfg.get("max_train_samples") is not None and data_cfg["max_train_samples"] < len(ds):
+        ds = ds.select(range(data_cfg["max_train_samples"]))
     return ds
 
 

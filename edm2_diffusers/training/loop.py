@@ -256,6 +256,14 @@ def train(cfg: dict, dataset=None) -> TrainingResult:
             state.batches_per_epoch = batches_per_epoch
         if main:
             logger.info("resumed from %s at step %d (%d images seen)", resume_dir, state.step, state.images_seen)
+    result = TrainingResult(unet=unet, ema=ema, step=state.step, images_seen=state.images_seen, output_dir=output_dir)
+    existing = ckpt.list_checkpoints(output_dir)
+    result.last_checkpoint = existing[-1][1] if existing else None
+    if state.step >= max_steps:
+        if main:
+            logger.info("nothing to do: the run is at step %d of %d", state.step, max_steps)
+        accelerator.end_training()
+        return result
     if train_cfg["report_to"] != "none":
         accelerator.init_trackers("edm2", config=_flat({k: v for k, v in cfg.items() if k != "model"}))
 
@@ -273,15 +281,6 @@ def train(cfg: dict, dataset=None) -> TrainingResult:
             state.step,
             max_steps,
         )
-
-    result = TrainingResult(unet=unet, ema=ema, step=state.step, images_seen=state.images_seen, output_dir=output_dir)
-    existing = ckpt.list_checkpoints(output_dir)
-    result.last_checkpoint = existing[-1][1] if existing else None
-    if state.step >= max_steps:
-        if main:
-            logger.info("nothing to do: the run is at step %d of %d", state.step, max_steps)
-        accelerator.end_training()
-        return result
 
     epoch, skip = divmod(state.step * accum, batches_per_epoch)
     stream = _batch_stream(accelerator, dataloader, epoch, skip)

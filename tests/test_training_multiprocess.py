@@ -1,0 +1,109 @@
+"""Two CPU processes under ``accelerate launch`` (gloo): one model, one global batch, images counted globally."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each rank trains through the library and then writes the weights it holds and what it counted.
+RANK_SCRIPT = """
+import json, os, sys
+from safetensors.torch import save_file
+from edm2_diffusers.training import load_config, train
+
+out = sys.argv[2]
+result = train(load_config(sys.argv[1], {"training.output_dir": out}))
+rank = int(os.environ["RANK"])
+weights = {k: v.contiguous() for k, v in result.unet.state_dict().items()}
+save_file(weights, os.path.join(out, f"rank{rank}.safetensors"))
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({"world": int(os.environ["WORLD_SIZE"]), "step": result.step, "images_seen": result.images_seen,
+               "has_ema": result.ema is not None, "grids": len(result.sample_grids)}, f)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_train_one_model(tmp_path):
+    cfg = {
+        "model": dict(
+            sample_size=8,
+            in_channels=1,
+            out_channels=1,
+            architecture="G",
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_blocks=1,
+            attn_resolutions=[4],
+            channels_per_head=16,
+            logvar_channels=16,
+        ),
+        "data": {"source": "sklearn_digits", "random_flip": True, "max_train_samples": 64},
+        "training": {
+            "train_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "max_train_steps": 3,
+            "checkpointing_steps": 0,
+            "sample_every_steps": 0,
+            "report_to": "none",
+            "lr_warmup_steps": 2,
+        },
+        "ema": {"type": "power", "stds": [0.1]},
+        "sampling": {"num_inference_steps": 2, "grid_rows": 1, "grid_cols": 2},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "rank_train.py").write_text(RANK_SCRIPT)
+    out = tmp_path / "run"
+    # On CPU, `--multi_gpu` is what makes `accelerate launch` start a process group (gloo); the library tells
+    # Accelerate it runs on CPU.
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(tmp_path / "rank_train.py"),
+        str(tmp_path / "cfg.yaml"),
+        str(out),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    global_batch = 4 * 2 * 2  # per device x processes x accumulation
+    for info in ranks:
+        assert info["world"] == 2 and info["step"] == 3 and info["images_seen"] == 3 * global_batch
+    assert [r["has_ema"] for r in ranks] == [True, False]  # EMA and samples on the main process only
+    assert [r["grids"] for r in ranks] == [1, 0]
+
+    w0, w1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    for key in w0:
+        assert torch.equal(w0[key], w1[key]), key
+    state = json.loads((out / "checkpoint-3" / "training_state.json").read_text())
+    assert state["num_processes"] == 2 and state["global_batch_size"] == global_batch
+    assert state["images_seen"] == 3 * global_batch and state["batches_per_epoch"] == 64 // (4 * 2)
+    assert (out / "checkpoint-3" / "random_states_1.pkl").exists()  # every process's RNG state is checkpointed
+    ckpt = load_file(str(out / "checkpoint-3" / "model.safetensors"))
+    assert all(torch.equal(ckpt[f"unet.{k}"], w0[k]) for k in w0)
