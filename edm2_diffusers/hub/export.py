@@ -320,7 +320,11 @@ def _commit_staging(staging: Path, output_dir: Path) -> None:
     if output_dir.exists() and any(output_dir.iterdir()):
         old = output_dir.with_name(f".{output_dir.name}.replaced-{uuid.uuid4().hex[:8]}")
         os.replace(output_dir, old)
-        os.replace(staging, output_dir)
+        try:
+            os.replace(staging, output_dir)
+        except OSError:
+            os.replace(old, output_dir)  # put the earlier export back
+            raise
         shutil.rmtree(old)
     else:
         if output_dir.exists():
