@@ -141,6 +141,8 @@ class WeightLayer(nn.Module):
 
     def effective_weight(self, gain=None, dtype=torch.float32) -> torch.Tensor:
         """The weight a forward pass uses: normalized and scaled for E/G, times ``gain`` when given."""
+        if torch.compiler.is_compiling():
+            return self._compute_weight(gain).to(dtype)  # compiled graphs fuse this; no Python-side cache
         if self.training or (torch.is_grad_enabled() and (self.weight.requires_grad or _requires_grad(gain))):
             self._cached = (None, None)
             return self._compute_weight(gain).to(dtype)

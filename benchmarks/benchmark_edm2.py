@@ -1,0 +1,341 @@
+"""Throughput, memory and FLOP/s of EDM2UNet2DModel, optionally side by side with the reference implementations.
+
+Examples::
+
+    python benchmarks/benchmark_edm2.py --config configs/cifar10/E.yaml --batch_size 8
+    python benchmarks/benchmark_edm2.py --config configs/cifar10/E.yaml --compare_multigpu /path/to/edm2-multi-gpu
+    python benchmarks/benchmark_edm2.py --config configs/cifar10/G.yaml --compare_official /path/to/edm2
+    python benchmarks/benchmark_edm2.py --posthoc_ema --snapshots 4,8,16
+
+Reported per implementation: training step (forward + backward + Adam on the EDM2 loss) and eval forward in
+images/s, sampling images/s for ``--sampling_steps`` Heun steps (2N−1 forwards), peak memory, and achieved FLOP/s
+against the measured dense-matmul peak of the device. ``--compare_*`` takes a checkout of a reference repository;
+its networks are imported from there at run time and get the same sizes, weights-independent workload and timer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tbench
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edm2_diffusers import EDM2UNet2DModel  # noqa: E402
+from edm2_diffusers.edm import denoise, edm_precondition, loss_weight  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurement helpers.
+
+
+def timeit(fn, min_run_time: float) -> float:
+    """Median seconds per call of ``fn`` (torch.utils.benchmark, after one warm-up call)."""
+    fn()
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_matmul_flops(device, dtype, n: int = 2048, min_run_time: float = 1.0) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def mm():
+        torch.mm(a, b)
+        sync(device)
+
+    return 2 * n**3 / timeit(mm, min_run_time)
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@contextlib.contextmanager
+def peak_memory(device):
+    """Yields a dict that receives the peak memory (bytes) used inside the block."""
+    out = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield out
+        out["peak"] = torch.cuda.max_memory_allocated(device) - base
+    else:
+        yield out
+        out["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process high-water mark
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workloads shared by every implementation: the EDM2 loss around a denoiser returning (D, u).
+
+
+def edm2_loss(denoise_fn, y, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
+    sigma = (torch.randn(y.shape[0], device=y.device) * P_std + P_mean).exp()
+    D, logvar = denoise_fn(y + torch.randn_like(y) * sigma.view(-1, 1, 1, 1), sigma)
+    w = loss_weight(sigma, sigma_data).view(-1, 1, 1, 1)
+    return ((w / logvar.exp().view(-1, 1, 1, 1)) * (D - y) ** 2 + logvar.view(-1, 1, 1, 1)).mean()
+
+
+class Impl:
+    """One implementation under test: a module, its denoiser (D, u) and its F-only eval forward.
+
+    ``eager`` is the uncompiled twin used to count FLOPs (compiled code is invisible to the FLOP counter).
+    """
+
+    def __init__(self, name, module, denoise_fn, forward_fn, eager=None):
+        self.name, self.module, self.denoise_fn, self.forward_fn = name, module, denoise_fn, forward_fn
+        self.eager = eager or self
+
+
+def ours(model_cfg, device, dtype, compile_mode=None, channels_last=False):
+    model = EDM2UNet2DModel(**model_cfg).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model, mode=compile_mode) if compile_mode else model
+
+    def fns(network):
+        def den(x, sigma):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return denoise(network, x, sigma, return_logvar=True)
+
+        def fwd(x, c_noise):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return network(x, c_noise).sample
+
+        return den, fwd
+
+    name = "edm2-diffusers" + (" +compile" if compile_mode else "") + (" +channels_last" if channels_last else "")
+    eager = Impl(name, model, *fns(model))
+    return Impl(name, model, *fns(net), eager=eager) if compile_mode else eager
+
+
+def multigpu_impl(checkout, model_cfg, device):
+    """edm2-multi-gpu's UNetC / UNetE (``src/edm2multigpu/model``) with the same sizes."""
+    sys.path.insert(0, str(Path(checkout) / "src" / "edm2multigpu"))
+    arch = model_cfg["architecture"]
+    module = __import__(f"model.unet{arch}", fromlist=[f"UNet{arch}"])
+    attn = set(model_cfg["attn_resolutions"])
+    levels = len(model_cfg["channel_mult"])
+    net = getattr(module, f"UNet{arch}")(
+        image_shape=[model_cfg["in_channels"], model_cfg["sample_size"], model_cfg["sample_size"]],
+        n_channels=model_cfg["model_channels"],
+        ch_mults=list(model_cfg["channel_mult"]),
+        is_attn=[(model_cfg["sample_size"] >> i) in attn for i in range(levels)],
+        dropout=model_cfg.get("dropout", 0.0),
+        n_blocks=model_cfg["num_blocks"] + 1,
+    ).to(device)
+    reweight = net.get_reweighting().to(device)
+    wrapper = torch.nn.ModuleDict({"net": net, "reweight": reweight})
+
+    def den(x, sigma):
+        c = edm_precondition(sigma)
+        v = (-1, 1, 1, 1)
+        F = net(c.c_in.view(v) * x, c.c_noise)
+        return c.c_skip.view(v) * x + c.c_out.view(v) * F, reweight(c.c_noise).reshape(-1)
+
+    return Impl("edm2-multi-gpu", wrapper, den, lambda x, c_noise: net(x, c_noise))
+
+
+def official_impl(checkout, model_cfg, device):
+    """NVIDIA's EDM2 ``Precond`` (``training/networks_edm2.py``) with the same sizes (Config G)."""
+    sys.path.insert(0, str(Path(checkout)))
+    from training.networks_edm2 import Precond
+
+    from edm2_diffusers.convert import config_to_official
+
+    with torch.device("meta"):
+        kwargs = config_to_official(EDM2UNet2DModel(**model_cfg))
+    if kwargs["channels_per_head"] is None:  # one head: as wide as the attention layers
+        widths = [
+            model_cfg["model_channels"] * m
+            for i, m in enumerate(model_cfg["channel_mult"])
+            if (model_cfg["sample_size"] >> i) in kwargs["attn_resolutions"]
+        ]
+        kwargs["channels_per_head"] = max(widths + [model_cfg["model_channels"] * model_cfg["channel_mult"][-1]])
+    net = Precond(use_fp16=False, **kwargs).to(device)
+
+    def den(x, sigma):
+        D, logvar = net(x, sigma, return_logvar=True)
+        return D, logvar.reshape(-1)
+
+    return Impl("NVIDIA EDM2", net, den, lambda x, c_noise: net.unet(x, c_noise, None))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bench_impl(impl: Impl, model_cfg, args, device, peak_flops):
+    torch.manual_seed(0)
+    n, c, r = args.batch_size, model_cfg["in_channels"], model_cfg["sample_size"]
+    y = torch.randn(n, c, r, r, device=device)
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
+        if args.precision != "fp32"
+        else contextlib.nullcontext()
+    )
+    opt = torch.optim.Adam(impl.module.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
+    result = {"name": impl.name}
+
+    def train_step(impl=impl):
+        with amp:
+            loss = edm2_loss(impl.denoise_fn, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+
+    x_in, c_noise = torch.randn(n, c, r, r, device=device), torch.full((n,), 0.3, device=device)
+
+    def eval_forward(impl=impl):
+        with torch.no_grad(), amp:
+            impl.forward_fn(x_in, c_noise)
+        sync(device)
+
+    impl.module.train()
+    with peak_memory(device) as mem_train:
+        t_train = timeit(train_step, args.min_run_time)
+    impl.module.eval()
+    with peak_memory(device) as mem_eval:
+        t_eval = timeit(eval_forward, args.min_run_time)
+    impl.module.train()
+    train_flops = count_flops(lambda: train_step(impl.eager))
+    impl.module.eval()
+    eval_flops = count_flops(lambda: eval_forward(impl.eager))
+    steps = args.sampling_steps
+    result.update(
+        train_img_s=n / t_train,
+        eval_img_s=n / t_eval,
+        sampling_img_s=n / (t_eval * (2 * steps - 1)),
+        train_gflop_s=train_flops / t_train / 1e9,
+        eval_gflop_s=eval_flops / t_eval / 1e9,
+        train_peak_frac=train_flops / t_train / peak_flops,
+        eval_peak_frac=eval_flops / t_eval / peak_flops,
+        train_peak_mem_mb=mem_train["peak"] / 2**20,
+        eval_peak_mem_mb=mem_eval["peak"] / 2**20,
+    )
+    return result
+
+
+def bench_posthoc_ema(args, model_cfg):
+    """Reconstruction time and peak memory against the number of snapshots."""
+    from edm2_diffusers.ema import PowerFunctionEMA, reconstruct
+
+    rows = []
+    for count in [int(s) for s in args.snapshots.split(",")]:
+        with tempfile.TemporaryDirectory() as run_dir:
+            model = EDM2UNet2DModel(**model_cfg)
+            ema = PowerFunctionEMA(model, stds=(0.05, 0.10))
+            for step in range(1, count + 1):
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(torch.randn_like(p), alpha=1e-3)
+                ema.update(step=step)
+                ema.save_snapshots(run_dir, step=step, nimg=step)
+            model_bytes = sum(p.numel() * 4 for p in model.parameters())
+            del model, ema
+            import tracemalloc
+
+            tracemalloc.start()
+            start = time.perf_counter()
+            outputs = list(reconstruct(run_dir, stds=args.ema_stds))
+            elapsed = time.perf_counter() - start
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            rows.append(
+                dict(snapshots=count * 2, seconds=elapsed, peak_model_sizes=_state_bytes(outputs) / model_bytes)
+            )
+            print(json.dumps(rows[-1]))
+    return rows
+
+
+def _state_bytes(outputs):
+    return sum(t.numel() * t.element_size() for _, sd in outputs for t in sd.values())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/cifar10/E.yaml")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--sampling_steps", type=int, default=18)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--min_run_time", type=float, default=3.0, help="seconds of timing per measurement")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, help="torch.compile mode for ours")
+    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--compare_multigpu", help="checkout of edm2-multi-gpu (Config C/E)")
+    parser.add_argument("--compare_official", help="checkout of NVIDIA's EDM2 (Config G)")
+    parser.add_argument("--posthoc_ema", action="store_true", help="time post-hoc EMA reconstruction instead")
+    parser.add_argument("--snapshots", default="4,8,16")
+    parser.add_argument("--ema_stds", type=lambda s: [float(v) for v in s.split(",")], default=[0.05, 0.1, 0.15])
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    model_cfg = yaml.safe_load(Path(args.config).read_text())["model"]
+    model_cfg["dropout"] = 0.0  # dropout changes nothing in cost but makes runs differ
+    device = torch.device(args.device)
+    if args.posthoc_ema:
+        rows = bench_posthoc_ema(args, model_cfg)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return rows
+
+    peak_dtype = torch.bfloat16 if args.precision == "bf16" and device.type == "cuda" else torch.float32
+    peak = peak_matmul_flops(device, peak_dtype)
+    info = dict(
+        config=args.config,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        threads=torch.get_num_threads(),
+        matmul_peak_gflop_s=peak / 1e9,
+    )
+    print(json.dumps(info))
+    impls = []
+    if args.compare_multigpu:
+        if model_cfg["architecture"] not in ("C", "E"):
+            parser.error("--compare_multigpu needs a Config C or E config")
+        impls.append(multigpu_impl(args.compare_multigpu, model_cfg, device))
+    if args.compare_official:
+        if model_cfg["architecture"] != "G":
+            parser.error("--compare_official needs a Config G config")
+        impls.append(official_impl(args.compare_official, model_cfg, device))
+    impls.append(ours(model_cfg, device, args.precision, args.compile, args.channels_last))
+
+    results = []
+    for impl in impls:
+        results.append(bench_impl(impl, model_cfg, args, device, peak))
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[-1].items()}))
+    if len(results) > 1:
+        ref, mine = results[0], results[-1]
+        ratios = {
+            "train_step_ratio": mine["train_img_s"] / ref["train_img_s"],
+            "eval_forward_ratio": mine["eval_img_s"] / ref["eval_img_s"],
+        }
+        print(json.dumps({k: round(v, 3) for k, v in ratios.items()}))
+        results.append(ratios)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"info": info, "results": results}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One GPU benchmark session: CIFAR-10 Config E (bf16, torch.compile) against edm2-multi-gpu, and Config G against
+# NVIDIA's EDM2, on the same card. Usage: benchmarks/run_gpu.sh MULTIGPU_CHECKOUT EDM2_CHECKOUT OUT_DIR [BATCH]
+set -euo pipefail
+multigpu=$1; official=$2; out=$3; batch=${4:-128}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+common=(--batch_size "$batch" --precision bf16 --min_run_time 2)
+python3 benchmarks/benchmark_edm2.py --config configs/cifar10/E.yaml "${common[@]}" --compile \
+  --compare_multigpu "$multigpu" --json "$out/cifar10_E_bf16_compile.json"
+python3 benchmarks/benchmark_edm2.py --config configs/cifar10/E.yaml "${common[@]}" \
+  --compare_multigpu "$multigpu" --json "$out/cifar10_E_bf16_eager.json"
+python3 benchmarks/benchmark_edm2.py --config configs/cifar10/G.yaml "${common[@]}" --compile \
+  --compare_official "$official" --json "$out/cifar10_G_bf16_compile.json"
