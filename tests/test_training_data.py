@@ -60,6 +60,26 @@ def test_in_memory_dataset_to_tensors_in_range_with_labels():
     torch.testing.assert_close(batch[1]["pixel_values"], tds[5]["pixel_values"])
 
 
+def test_dataset_name_loads_through_load_dataset(tmp_path):
+    # A local folder of parquet shards stands in for a Hub dataset: the same `load_dataset(name, config, split)`.
+    import datasets
+
+    pixels = np.arange(4 * 8 * 8 * 3, dtype=np.uint8).reshape(4, 8, 8, 3)
+    ds = datasets.Dataset.from_dict({"img": [Image.fromarray(p) for p in pixels], "label": [0, 1, 2, 3]})
+    (tmp_path / "hubds" / "data").mkdir(parents=True)
+    ds.to_parquet(str(tmp_path / "hubds" / "data" / "train-00000-of-00001.parquet"))
+    cfg = data_cfg(dataset_name=str(tmp_path / "hubds"), image_column="img", cache_dir=str(tmp_path / "cache"))
+    loaded = load_train_dataset(cfg)
+    assert len(loaded) == 4 and set(loaded.column_names) == {"img", "label"}
+    assert check_dataset(loaded, cfg, MODEL, "hub") == 8
+    tds = build_image_dataset(loaded, cfg, MODEL, "hub", 8)
+    expected = torch.from_numpy(pixels[2].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1)
+    torch.testing.assert_close(tds[2]["pixel_values"], expected)
+    assert "class_labels" not in tds[2]  # unconditional: labels are not read
+    cfg["max_train_samples"] = 3
+    assert len(load_train_dataset(cfg)) == 3
+
+
 def test_image_folder_mixed_sizes_need_resolution(tmp_path):
     root = write_folder(tmp_path / "imgs", [(8, 8), (8, 8), (12, 10)])
     cfg = data_cfg(train_data_dir=str(root), cache_dir=str(tmp_path / "cache"))

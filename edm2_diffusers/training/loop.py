@@ -343,7 +343,11 @@ def train(cfg: dict, dataset=None) -> TrainingResult:
         every = train_cfg["checkpointing_steps"]
         if (every and step % every == 0) or final:
             result.last_checkpoint = ckpt.save_checkpoint(
-                accelerator, output_dir, step, dict(unet.config), _state_summary(state, accelerator, global_batch)
+                accelerator,
+                output_dir,
+                step,
+                dict(unet.config),
+                _state_summary(state, accelerator, global_batch, accum),
             )
             if main:
                 for path in ckpt.prune_checkpoints(output_dir, train_cfg["checkpoints_total_limit"]):
@@ -369,9 +373,12 @@ def _progress(main: bool, start: int, total: int):
     return tqdm(total=total, initial=start, desc="steps", dynamic_ncols=True)
 
 
-def _state_summary(state: TrainingState, accelerator, global_batch: int) -> dict:
+def _state_summary(state: TrainingState, accelerator, global_batch: int, accum: int) -> dict:
+    epoch, batch = divmod(state.step * accum, state.batches_per_epoch)
     return {
         **state.state_dict(),
+        "epoch": epoch,
+        "batch_in_epoch": batch,
         "num_processes": accelerator.num_processes,
         "global_batch_size": global_batch,
     }

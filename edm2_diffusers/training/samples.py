@@ -9,13 +9,16 @@ import torch
 from PIL import Image
 
 
-def make_image_grid(images: np.ndarray, rows: int, cols: int, padding: int = 1, scale: int = 1) -> Image.Image:
+def make_image_grid(
+    images: np.ndarray, rows: int, cols: int, padding: int = 2, scale: int = 1, pad_value: float = 0.5
+) -> Image.Image:
     """Tile ``rows·cols`` images (N, H, W, C) with values in [0, 1] into one PIL image, row-major.
 
     Args:
         images (`np.ndarray`): float images in [0, 1], shape (N, H, W, C) with C = 1 or 3.
         rows (`int`), cols (`int`): grid shape; N must equal rows·cols.
-        padding (`int`): pixels of black between tiles.
+        padding (`int`): pixels between tiles.
+        pad_value (`float`): grey level of the gaps in [0, 1] (mid-grey keeps dark-background tiles apart).
         scale (`int`): nearest-neighbour enlargement of each tile (small images are easier to judge larger).
     """
     images = np.asarray(images)
@@ -25,7 +28,9 @@ def make_image_grid(images: np.ndarray, rows: int, cols: int, padding: int = 1, 
     if scale > 1:
         pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = pixels.shape
-    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), dtype=np.uint8)
+    grid = np.full(
+        (rows * (h + padding) + padding, cols * (w + padding) + padding, c), round(pad_value * 255), dtype=np.uint8
+    )
     for i in range(n):
         r, col = divmod(i, cols)
         top, left = padding + r * (h + padding), padding + col * (w + padding)
