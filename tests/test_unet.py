@@ -199,3 +199,26 @@ def test_inference_weight_cache_is_refreshed():
     # Gradients still reach the weights outside no_grad, even in eval mode.
     model(x, t).sample.sum().backward()
     assert model.out_conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("arch", ["C", "E", "G"])
+def test_autocast_bfloat16_training_step(arch):
+    """Mixed precision as Accelerate applies it: forward and backward run under autocast and stay finite."""
+    model = EDM2UNet2DModel(**tiny_unet_config(architecture=arch, num_class_embeds=3)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        D, u = denoise(
+            model, torch.randn(2, 1, 8, 8), torch.tensor([0.3, 2.0]), torch.tensor([0, 2]), return_logvar=True
+        )
+        loss = (D.float() ** 2).mean() + u.float().mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_mp_sum_promotes_mixed_precision_inputs():
+    from edm2_diffusers.models.layers import mp_sum
+
+    a, b = torch.randn(4), torch.randn(4).bfloat16()
+    out = mp_sum(a, b, t=0.3)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, (0.7 * a + 0.3 * b.float()) / math.sqrt(0.7**2 + 0.3**2))

@@ -56,6 +56,9 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """Magnitude-preserving weighted sum, Eq. 88: ((1−t)·a + t·b) / sqrt((1−t)² + t²)."""
+    if a.dtype != b.dtype:  # mixed precision (autocast): sum in the wider type
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(dtype), b.to(dtype)
     return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
 
 
