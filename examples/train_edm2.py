@@ -51,6 +51,7 @@ FLAGS = {
     "resume_from_checkpoint": "training.resume_from_checkpoint",
     "sample_every_steps": "training.sample_every_steps",
     "dataloader_num_workers": "training.dataloader_num_workers",
+    "cpu_threads": "training.cpu_threads",
     "report_to": "training.report_to",
     "logging_dir": "training.logging_dir",
     "num_inference_steps": "sampling.num_inference_steps",

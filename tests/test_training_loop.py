@@ -53,6 +53,7 @@ def tiny_config(tmp_path: Path, **training) -> Path:
             "sample_every_steps": 0,
             "report_to": "none",
             "seed": 3,
+            "cpu_threads": 1,  # subprocess and in-process runs compute alike
             **training,
         },
         "ema": {"type": "power", "stds": [0.05, 0.1]},
@@ -208,13 +209,10 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     rc, log = run_script("--config", cfg, "--output_dir", killed, "--resume_from_checkpoint", "latest")
     assert rc == 0, log
     assert "resumed from" in log
-    # The uninterrupted reference runs in this process, with the subprocesses' single thread.
+    # The uninterrupted reference runs in this process (cpu_threads 1, like the subprocesses).
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(load_config(cfg, {"training.output_dir": str(straight)}))
-    finally:
-        torch.set_num_threads(threads)
+    train(load_config(cfg, {"training.output_dir": str(straight)}))
+    assert torch.get_num_threads() == threads  # train() restores the caller's thread count
 
     a, b = straight / "checkpoint-12", killed / "checkpoint-12"
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))

@@ -58,6 +58,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "resume_from_checkpoint": (None, str, "a checkpoint folder, or 'latest' in output_dir"),
         "sample_every_steps": (500, int, "save a sample grid every N optimizer steps (0: only at the end)"),
         "dataloader_num_workers": (0, int, "worker processes of the data loader"),
+        "cpu_threads": (None, int, "torch intra-op CPU threads per process (null: torch's default)"),
         "report_to": ("tensorboard", str, "tensorboard | wandb | all | none"),
         "logging_dir": ("logs", str, "tracker folder, relative to output_dir"),
     },
@@ -269,6 +270,8 @@ def validate_config(cfg: dict) -> dict:
         raise ValueError("training.P_std and training.sigma_data must be positive")
     if train["mixed_precision"] not in ("no", "fp16", "bf16"):
         raise ValueError(f"training.mixed_precision must be no, fp16 or bf16, got {train['mixed_precision']!r}")
+    if train["cpu_threads"] is not None and train["cpu_threads"] < 1:
+        raise ValueError(f"training.cpu_threads must be at least 1, got {train['cpu_threads']}")
     for key in ("checkpointing_steps", "sample_every_steps", "dataloader_num_workers"):
         if train[key] < 0:
             raise ValueError(f"training.{key} must not be negative, got {train[key]}")

@@ -171,6 +171,16 @@ def train(cfg: dict, dataset=None) -> TrainingResult:
         NonFiniteLossError: the loss became NaN or infinite (the message names the step).
     """
     validate_config(cfg)
+    previous_threads = torch.get_num_threads()
+    if cfg["training"]["cpu_threads"]:
+        torch.set_num_threads(cfg["training"]["cpu_threads"])
+    try:
+        return _train(cfg, dataset)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(cfg: dict, dataset) -> TrainingResult:
     data_cfg, train_cfg = cfg["data"], cfg["training"]
     output_dir = train_cfg["output_dir"]
     seed = train_cfg["seed"]
