@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
-import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,9 +78,25 @@ def peak_memory(device):
         base = torch.cuda.memory_allocated(device)
         yield out
         out["peak"] = torch.cuda.max_memory_allocated(device) - base
-    else:
+    else:  # resident set size sampled every millisecond, above its value on entry
+        base, peak, done = _rss(), [0], threading.Event()
+
+        def poll():
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss())
+                done.wait(0.001)
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
         yield out
-        out["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process high-water mark
+        done.set()
+        thread.join()
+        out["peak"] = max(peak[0], _rss()) - base
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,56 +200,86 @@ def official_impl(checkout, model_cfg, device):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def bench_impl(impl: Impl, model_cfg, args, device, peak_flops):
-    torch.manual_seed(0)
-    n, c, r = args.batch_size, model_cfg["in_channels"], model_cfg["sample_size"]
-    y = torch.randn(n, c, r, r, device=device)
-    amp = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float16)
-        if args.precision != "fp32"
-        else contextlib.nullcontext()
-    )
-    opt = torch.optim.Adam(impl.module.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
-    result = {"name": impl.name}
+class Workload:
+    """Training step and eval forward of one implementation on fixed inputs."""
 
-    def train_step(impl=impl):
-        with amp:
-            loss = edm2_loss(impl.denoise_fn, y)
+    def __init__(self, impl: Impl, model_cfg, args, device):
+        torch.manual_seed(0)
+        n, c, r = args.batch_size, model_cfg["in_channels"], model_cfg["sample_size"]
+        self.impl, self.n, self.device = impl, n, device
+        self.y = torch.randn(n, c, r, r, device=device)
+        self.x_in, self.c_noise = torch.randn(n, c, r, r, device=device), torch.full((n,), 0.3, device=device)
+        low = torch.bfloat16 if args.precision == "bf16" else torch.float16
+        self.amp = lambda: (
+            torch.autocast(device.type, dtype=low) if args.precision != "fp32" else contextlib.nullcontext()
+        )
+        self.opt = torch.optim.Adam(impl.module.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
+
+    def train_step(self, impl=None):
+        impl = impl or self.impl
+        impl.module.train()
+        with self.amp():
+            loss = edm2_loss(impl.denoise_fn, self.y)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sync(self.device)
 
-    x_in, c_noise = torch.randn(n, c, r, r, device=device), torch.full((n,), 0.3, device=device)
+    def eval_forward(self, impl=None):
+        impl = impl or self.impl
+        impl.module.eval()
+        with torch.no_grad(), self.amp():
+            impl.forward_fn(self.x_in, self.c_noise)
+        sync(self.device)
 
-    def eval_forward(impl=impl):
-        with torch.no_grad(), amp:
-            impl.forward_fn(x_in, c_noise)
-        sync(device)
 
-    impl.module.train()
-    with peak_memory(device) as mem_train:
-        t_train = timeit(train_step, args.min_run_time)
-    impl.module.eval()
-    with peak_memory(device) as mem_eval:
-        t_eval = timeit(eval_forward, args.min_run_time)
-    impl.module.train()
-    train_flops = count_flops(lambda: train_step(impl.eager))
-    impl.module.eval()
-    eval_flops = count_flops(lambda: eval_forward(impl.eager))
-    steps = args.sampling_steps
-    result.update(
-        train_img_s=n / t_train,
-        eval_img_s=n / t_eval,
-        sampling_img_s=n / (t_eval * (2 * steps - 1)),
-        train_gflop_s=train_flops / t_train / 1e9,
-        eval_gflop_s=eval_flops / t_eval / 1e9,
-        train_peak_frac=train_flops / t_train / peak_flops,
-        eval_peak_frac=eval_flops / t_eval / peak_flops,
-        train_peak_mem_mb=mem_train["peak"] / 2**20,
-        eval_peak_mem_mb=mem_eval["peak"] / 2**20,
-    )
-    return result
+def bench_all(impls, model_cfg, args, device, peak_flops):
+    """Times every implementation in interleaved rounds and keeps each one's best round.
+
+    Interleaving makes the comparison fair when other load comes and goes on the machine.
+    """
+    loads = [Workload(impl, model_cfg, args, device) for impl in impls]
+    best = {(i, kind): math.inf for i in range(len(loads)) for kind in ("train", "eval")}
+    mem = {}
+    for i, load in enumerate(loads):  # warm-up (and compilation), memory high-water marks
+        with peak_memory(device) as m:
+            load.train_step()
+            load.train_step()
+        mem[(i, "train")] = m["peak"]
+        with peak_memory(device) as m:
+            load.eval_forward()
+            load.eval_forward()
+        mem[(i, "eval")] = m["peak"]
+    deadline = time.perf_counter() + args.min_run_time * len(loads)
+    rounds = 0
+    while rounds < args.min_rounds or (time.perf_counter() < deadline and rounds < args.max_rounds):
+        for i, load in enumerate(loads):
+            for kind, fn in (("train", load.train_step), ("eval", load.eval_forward)):
+                timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+                best[(i, kind)] = min(best[(i, kind)], timer.timeit(1).mean)
+        rounds += 1
+    results = []
+    for i, load in enumerate(loads):
+        train_flops = count_flops(lambda load=load: load.train_step(load.impl.eager))
+        eval_flops = count_flops(lambda load=load: load.eval_forward(load.impl.eager))
+        t_train, t_eval = best[(i, "train")], best[(i, "eval")]
+        results.append(
+            dict(
+                name=load.impl.name,
+                rounds=rounds,
+                train_img_s=load.n / t_train,
+                eval_img_s=load.n / t_eval,
+                # Heun sampling costs 2N−1 forwards per image; derived from the eval forward time.
+                sampling_img_s=load.n / (t_eval * (2 * args.sampling_steps - 1)),
+                train_gflop_s=train_flops / t_train / 1e9,
+                eval_gflop_s=eval_flops / t_eval / 1e9,
+                train_peak_frac=train_flops / t_train / peak_flops,
+                eval_peak_frac=eval_flops / t_eval / peak_flops,
+                train_peak_mem_mb=mem[(i, "train")] / 2**20,
+                eval_peak_mem_mb=mem[(i, "eval")] / 2**20,
+            )
+        )
+    return results
 
 
 def bench_posthoc_ema(args, model_cfg):
@@ -278,7 +325,9 @@ def main(argv=None):
     parser.add_argument("--sampling_steps", type=int, default=18)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--min_run_time", type=float, default=3.0, help="seconds of timing per measurement")
+    parser.add_argument("--min_run_time", type=float, default=3.0, help="seconds of timing per implementation")
+    parser.add_argument("--min_rounds", type=int, default=3, help="interleaved timing rounds, at least")
+    parser.add_argument("--max_rounds", type=int, default=50)
     parser.add_argument("--compile", nargs="?", const="default", default=None, help="torch.compile mode for ours")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compare_multigpu", help="checkout of edm2-multi-gpu (Config C/E)")
@@ -320,10 +369,9 @@ def main(argv=None):
         impls.append(official_impl(args.compare_official, model_cfg, device))
     impls.append(ours(model_cfg, device, args.precision, args.compile, args.channels_last))
 
-    results = []
-    for impl in impls:
-        results.append(bench_impl(impl, model_cfg, args, device, peak))
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[-1].items()}))
+    results = bench_all(impls, model_cfg, args, device, peak)
+    for row in results:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
     if len(results) > 1:
         ref, mine = results[0], results[-1]
         ratios = {
