@@ -58,6 +58,7 @@ def train_run(run_dir: Path, **model_overrides) -> Path:
             "sample_every_steps": 0,
             "report_to": "none",
             "seed": 0,
+            "export_pipeline": False,  # these tests export the run themselves
         },
         "ema": {"type": "power", "stds": [0.05, 0.10], "snapshot_every_steps": 3},
         "sampling": {"num_inference_steps": STEPS, "grid_rows": 2, "grid_cols": 3, "seed": 5},

@@ -448,6 +448,7 @@ def export_pipelines(
     tags: list[str] | None = None,
     metrics: dict | None = None,
     device: str | torch.device | None = None,
+    vae=None,
 ) -> ExportResult:
     """Export post-hoc EMA reconstructions of a run as ``EDM2Pipeline`` folders with a model card.
 
@@ -457,6 +458,9 @@ def export_pipelines(
     this package. The first std goes to ``output_dir``, each further one to ``output_dir/ema-<std>/``. The export is
     assembled in a hidden folder next to ``output_dir`` and moved into place only when complete; an existing
     non-empty ``output_dir`` is never touched unless ``overwrite`` (and then only if it is an earlier export).
+
+    A latent run (one that recorded ``latent_info.json``) exports pipelines carrying its latent standardization
+    (``latent_mean``, ``latent_std``) and, when a VAE is known, the VAE; without one the sample grid is skipped.
 
     Args:
         run_dir (`str` or `os.PathLike`): the training run's output folder (with ``phema/`` snapshots).
@@ -478,14 +482,13 @@ def export_pipelines(
         tags (`list[str]`, *optional*): extra card tags.
         metrics (`dict`, *optional*): ``{std: {"fid": value, ...}}`` to show in the card, over those of the sweep.
         device (`str` or `torch.device`, *optional*): where the sample grid is rendered (default: CUDA if available).
+        vae (`AutoencoderKL`, `str` or `bool`, *optional*): latent runs only: the VAE the pipelines carry (a model, or
+            a folder / Hub id); ``None`` takes the run config's ``sampling.vae``, ``False`` exports without a VAE.
 
     Returns:
         `ExportResult`.
     """
-    from .. import __version__
     from ..ema import reconstruct
-    from ..pipelines.pipeline_edm2 import EDM2Pipeline
-    from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
 
     run_dir, output_dir = Path(run_dir), Path(output_dir)
     if not run_dir.is_dir():
@@ -493,7 +496,7 @@ def export_pipelines(
     _check_output_dir(output_dir, run_dir, overwrite)
     std_list, sweep = _resolve_stds(stds, run_dir, sweep_dir)
     config_path, config = find_run_config(run_dir)
-    sampling = sampling_settings(config, num_inference_steps)
+    sampling_settings(config, num_inference_steps)  # a bad step count fails before the reconstruction
 
     try:
         rec = reconstruct(str(run_dir), std_list, step=step)
@@ -512,14 +515,194 @@ def export_pipelines(
     known_metrics = {s: dict(v) for s, v in sweep["metrics"].items()} if sweep_applies else {}
     for s, values in (metrics or {}).items():
         known_metrics.setdefault(float(s), {}).update(values)
+    variants = [
+        {
+            "std": std,
+            "folder": "." if i == 0 else variant_folder(std),
+            "metrics": _metrics_for(std, known_metrics),
+            "build": lambda i=i: rec.model(i),
+        }
+        for i, std in enumerate(rec.stds)
+    ]
+    return _write_export(
+        run_dir,
+        output_dir,
+        variants,
+        step=rec.step,
+        nimg=rec.nimg,
+        model_class=rec.model_class,
+        model_config=dict(rec.model_config),
+        config_path=config_path,
+        config=config,
+        ema=None,
+        metrics_note=_metrics_note(sweep) if sweep_applies else None,
+        license=license,
+        sample_grid=sample_grid,
+        grid_size=grid_size,
+        num_inference_steps=num_inference_steps,
+        seed=seed,
+        repo_id=repo_id,
+        model_name=model_name,
+        dataset=dataset,
+        tags=tags,
+        device=device,
+        vae=vae,
+    )
+
+
+def export_model(
+    run_dir: str | os.PathLike,
+    unet,
+    output_dir: str | os.PathLike,
+    step: int,
+    nimg: int,
+    ema: dict | None = None,
+    overwrite: bool = False,
+    license: str = DEFAULT_LICENSE,
+    sample_grid: bool = True,
+    grid_size: tuple[int, int] | None = None,
+    num_inference_steps: int | None = None,
+    seed: int | None = None,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    dataset: str | None = None,
+    tags: list[str] | None = None,
+    metrics: dict | None = None,
+    device: str | torch.device | None = None,
+    vae=None,
+) -> ExportResult:
+    """Export one given U-Net of a run (e.g. a traditional EMA, which has no snapshots) as an ``EDM2Pipeline``.
+
+    The same export as :func:`export_pipelines` (layout, custom code, model card, safetensors only), with a single
+    variant at the root whose weights are ``unet`` as it is.
+
+    Args:
+        run_dir (`str` or `os.PathLike`): the training run's output folder (its ``config.yaml`` gives the sampling
+            settings and the card's details).
+        unet (`EDM2UNet2DModel`): the weights to export.
+        output_dir (`str` or `os.PathLike`): the export folder.
+        step (`int`), nimg (`int`): optimizer steps and training images behind ``unet``.
+        ema (`dict`, *optional*): how ``unet`` was averaged, for the card, e.g. ``{"type": "traditional", "beta":
+            0.9993, "warmup_steps": 0}``; ``None`` for raw training weights.
+        metrics (`dict`, *optional*): ``{"fid": value, ...}`` of this model, shown in the card.
+        **others: as in :func:`export_pipelines`.
+
+    Returns:
+        `ExportResult` (its single variant has ``std`` ``None``).
+    """
+    run_dir, output_dir = Path(run_dir), Path(output_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    _check_output_dir(output_dir, run_dir, overwrite)
+    config_path, config = find_run_config(run_dir)
+    from ..ema.snapshots import model_class_path, model_config_of
+
+    variants = [{"std": None, "folder": ".", "metrics": dict(metrics or {}), "build": lambda: unet}]
+    return _write_export(
+        run_dir,
+        output_dir,
+        variants,
+        step=int(step),
+        nimg=int(nimg),
+        model_class=model_class_path(unet),
+        model_config=model_config_of(unet),
+        config_path=config_path,
+        config=config,
+        ema=dict(ema) if ema is not None else {"type": "none"},
+        metrics_note=None,
+        license=license,
+        sample_grid=sample_grid,
+        grid_size=grid_size,
+        num_inference_steps=num_inference_steps,
+        seed=seed,
+        repo_id=repo_id,
+        model_name=model_name,
+        dataset=dataset,
+        tags=tags,
+        device=device,
+        vae=vae,
+    )
+
+
+def _resolve_vae(vae, config: dict, latent: dict | None):
+    """The VAE an export carries: only latent runs have one; ``None`` means the run config's ``sampling.vae``."""
+    if latent is None:
+        if vae not in (None, False):
+            raise ValueError("a VAE was given, but the run is not a latent run (it recorded no latent_info.json)")
+        return None
+    if vae is False:
+        return None
+    if vae is None:
+        sampling = config.get("sampling") or {}
+        if not sampling.get("vae"):
+            return None
+        vae, subfolder = sampling["vae"], sampling.get("vae_subfolder")
+    else:
+        subfolder = None
+    if isinstance(vae, (str, os.PathLike)):
+        from diffusers import AutoencoderKL
+
+        try:
+            vae = AutoencoderKL.from_pretrained(os.fspath(vae), subfolder=subfolder)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot load the VAE {os.fspath(vae)!r} (sampling.vae): {err}") from None
+    if vae.config.latent_channels != len(latent["latent_mean"]):
+        raise ValueError(
+            f"the VAE has {vae.config.latent_channels} latent channels, the run's latents {len(latent['latent_mean'])}"
+        )
+    return vae.eval()
+
+
+def _write_export(
+    run_dir: Path,
+    output_dir: Path,
+    variants: list[dict],
+    *,
+    step: int,
+    nimg: int,
+    model_class: str,
+    model_config: dict,
+    config_path: Path | None,
+    config: dict,
+    ema: dict | None,
+    metrics_note: str | None,
+    license: str,
+    sample_grid: bool,
+    grid_size,
+    num_inference_steps,
+    seed,
+    repo_id,
+    model_name,
+    dataset,
+    tags,
+    device,
+    vae,
+) -> ExportResult:
+    """Save ``variants`` (dicts with ``std``, ``folder``, ``metrics`` and ``build``, a function returning the U-Net)
+    as pipelines in a staging folder, add the card, check, and move the export into place."""
+    from .. import __version__
+    from ..pipelines.pipeline_edm2 import EDM2Pipeline
+    from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
+    from ..training.latents import read_run_latent_info
+
+    sampling = sampling_settings(config, num_inference_steps)
+    latent = read_run_latent_info(run_dir)
+    vae = _resolve_vae(vae, config, latent)
+    latent_kwargs = {}
+    if latent is not None:
+        latent_kwargs = dict(
+            latent_mean=latent["latent_mean"], latent_std=latent["latent_std"], latent_final_std=latent["final_std"]
+        )
+        if sample_grid and vae is None:
+            logger.info("latent run without a VAE (sampling.vae): the export has no sample grid")
+            sample_grid = False
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = output_dir.with_name(f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        variants, root_pipe = [], None
-        for i, std in enumerate(rec.stds):
-            unet = rec.model(i)
+        root_pipe = None
+        for i, variant in enumerate(variants):
             scheduler = EDMHeunScheduler(
                 sigma_min=sampling["sigma_min"],
                 sigma_max=sampling["sigma_max"],
@@ -527,17 +710,15 @@ def export_pipelines(
                 sigma_data=sampling["sigma_data"],
                 s_churn=sampling["s_churn"],
             )
-            pipe = EDM2Pipeline(unet=unet, scheduler=scheduler)
-            folder = "." if i == 0 else variant_folder(std)
-            target = staging if i == 0 else staging / folder
+            pipe = EDM2Pipeline(unet=variant["build"](), scheduler=scheduler, vae=vae, **latent_kwargs)
+            target = staging if i == 0 else staging / variant["folder"]
             pipe.save_pretrained(target, safe_serialization=True)
             write_custom_code(target)
-            variants.append({"std": std, "folder": folder, "metrics": _metrics_for(std, known_metrics)})
             if i == 0:
                 root_pipe = pipe
+        variants = [{k: v for k, v in variant.items() if k != "build"} for variant in variants]
         _ignore_variant_files(staging, [v["folder"] for v in variants[1:]])
 
-        model_config = dict(rec.model_config)
         unet = root_pipe.unet
         train_cfg = config.get("training") or {}
         sampling_cfg = config.get("sampling") or {}
@@ -553,6 +734,11 @@ def export_pipelines(
         import diffusers
 
         name = model_name or (repo_id.split("/")[-1] if repo_id else output_dir.name)
+        dataset_info = dataset_description(config, dataset)
+        if latent is not None and not dataset and not dataset_info.get("name"):
+            dataset_info["text"] = "latents of " + (
+                f"{latent['num_images']:,} images" if latent.get("num_images") else "an image dataset"
+            )
         info = {
             "format": EXPORT_FORMAT,
             "format_version": 1,
@@ -564,24 +750,32 @@ def export_pipelines(
             "repo_id": repo_id or f"your-username/{output_dir.name}",
             "run": {
                 "name": run_dir.resolve().name,
-                "step": int(rec.step),
-                "nimg": int(rec.nimg),
+                "step": int(step),
+                "nimg": int(nimg),
                 "config_file": config_path.name if config_path else None,
             },
             "model": {
-                "class": rec.model_class,
+                "class": model_class,
                 "config": model_config,
                 "num_parameters": int(sum(p.numel() for p in unet.parameters())),
                 "num_parameters_without_logvar": int(unet.num_parameters_without_logvar()),
             },
-            "dataset": dataset_description(config, dataset),
+            "dataset": dataset_info,
             "sampling": sampling,
             "training": {k: v for k, v in sorted(train_cfg.items()) if isinstance(v, (int, float, str))},
             "variants": variants,
             "sample_grid": grid_file,
             "sample_seed": grid_seed,
-            "metrics_note": _metrics_note(sweep) if sweep_applies else None,
+            "metrics_note": metrics_note,
         }
+        if ema is not None:
+            info["ema"] = ema  # a single model that is not a post-hoc EMA reconstruction
+        if latent is not None:
+            info["latent"] = {
+                "vae": latent.get("vae"),
+                "vae_included": vae is not None,
+                "resolution": latent.get("resolution"),
+            }
         write_model_card(staging, info, info["repo_id"])
         check_export(staging)
         _commit_staging(staging, output_dir)
@@ -593,7 +787,7 @@ def export_pipelines(
         variants=[(v["std"], output_dir if v["folder"] == "." else output_dir / v["folder"]) for v in variants],
         info=info,
     )
-    logger.info("exported %d EMA variant(s) of %s to %s", len(variants), run_dir, output_dir)
+    logger.info("exported %d variant(s) of %s to %s", len(variants), run_dir, output_dir)
     return result
 
 
@@ -661,6 +855,7 @@ __all__ = [
     "dataset_description",
     "default_stds",
     "export_pipelines",
+    "export_model",
     "export_run",
     "find_run_config",
     "parse_stds",

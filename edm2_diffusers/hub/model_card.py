@@ -74,6 +74,20 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def describe_ema(ema: dict | None) -> str:
+    """How the weights of a single-model export (:func:`~edm2_diffusers.hub.export_model`) were averaged."""
+    if ema is None:
+        return "post-hoc EMA"
+    if ema.get("type") == "traditional":
+        text = f"traditional EMA (β = {float(ema['beta']):g} per step"
+        if ema.get("warmup_steps"):
+            text += f", warmed up over {int(ema['warmup_steps']):,} steps"
+        return text + ")"
+    if ema.get("type") == "none":
+        return "raw training weights (no EMA)"
+    return f"{ema.get('type')} EMA"
+
+
 def card_context(info: dict, repo_id: str) -> dict:
     """The template variables of a card, from an export's ``export_info.json`` content.
 
@@ -89,13 +103,14 @@ def card_context(info: dict, repo_id: str) -> dict:
         for name in v.get("metrics", {}):
             if name not in metric_names:
                 metric_names.append(name)
+    ema_text = describe_ema(info.get("ema"))
     for v in info["variants"]:
         metrics = v.get("metrics", {})
         cells = "".join(f" {_fmt(metrics[n]) if n in metrics else '–'} |" for n in metric_names)
         variants.append(
             dict(
                 std=v["std"],
-                std_text=f"{v['std']:.3f}",
+                std_text=f"{v['std']:.3f}" if v["std"] is not None else ema_text,
                 folder=v["folder"],
                 folder_text="(root)" if v["folder"] == "." else v["folder"] + "/",
                 label="root" if v["folder"] == "." else v["folder"],
@@ -118,6 +133,9 @@ def card_context(info: dict, repo_id: str) -> dict:
         num_blocks=config["num_blocks"],
         attn_resolutions=", ".join(f"{r}×{r}" for r in config["attn_resolutions"]) or "none",
         num_classes=config.get("num_class_embeds"),
+        posthoc=info.get("ema") is None,
+        ema_text=ema_text,
+        latent=info.get("latent"),
         step=f"{info['run']['step']:,}",
         images_seen=f"{info['run']['nimg']:,}",
         images_seen_human=_human(info["run"]["nimg"]),

@@ -41,8 +41,12 @@ def resolve_repo_id(repo_id: str | None) -> str:
 
 def default_commit_message(info: dict) -> str:
     """``Upload EDM2 Config G pipeline: EMA std 0.050 (root), 0.100 at step 1000`` from the export info."""
-    stds = ", ".join(f"{v['std']:.3f}" + (" (root)" if v["folder"] == "." else "") for v in info["variants"])
     arch = info["model"]["config"]["architecture"]
+    if info.get("ema") is not None:  # one model that is not a post-hoc EMA reconstruction
+        from .model_card import describe_ema
+
+        return f"Upload EDM2 Config {arch} pipeline: {describe_ema(info['ema'])} at step {info['run']['step']}"
+    stds = ", ".join(f"{v['std']:.3f}" + (" (root)" if v["folder"] == "." else "") for v in info["variants"])
     return f"Upload EDM2 Config {arch} pipeline: EMA std {stds} at step {info['run']['step']}"
 
 

@@ -20,14 +20,19 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "source": (
             None,
             str,
-            "hub | imagefolder | sklearn_digits | memory (default: from dataset_name / train_data_dir)",
+            "hub | imagefolder | latents | sklearn_digits | memory (default: from dataset_name / train_data_dir; a "
+            "train_data_dir written by examples/encode_latents.py is a latent dataset)",
         ),
         "dataset_name": (None, str, "a dataset on the Hugging Face Hub, e.g. uoft-cs/cifar10"),
         "dataset_config_name": (None, str, "the Hub dataset's configuration name"),
         "dataset_split": ("train", str, "split to train on"),
-        "train_data_dir": (None, str, "a local image folder (datasets' imagefolder layout)"),
+        "train_data_dir": (
+            None,
+            str,
+            "a local image folder (datasets' imagefolder layout) or a latent dataset (examples/encode_latents.py)",
+        ),
         "cache_dir": (None, str, "where `datasets` caches downloads"),
-        "image_column": ("image", str, "column holding the images"),
+        "image_column": ("image", str, "column holding the images (latent datasets: 'latents' unless set otherwise)"),
         "label_column": (None, str, "column holding class labels (class-conditional models only)"),
         "resolution": (None, int, "resize (shorter side) and centre-crop images to this size; null: keep as stored"),
         "random_flip": (False, bool, "random horizontal flips"),
@@ -61,6 +66,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "cpu_threads": (None, int, "torch intra-op CPU threads per process (null: torch's default)"),
         "report_to": ("tensorboard", str, "tensorboard | wandb | all | none"),
         "logging_dir": ("logs", str, "tracker folder, relative to output_dir"),
+        "export_pipeline": (True, bool, "at the end, export the EMA variants (ema.stds) to output_dir/pipeline"),
+        "push_to_hub": (False, bool, "push the final export to the Hub repository hub_model_id"),
+        "hub_model_id": (None, str, "Hub repository (USER/NAME or NAME) to push to; named in the model card"),
+        "hub_private": (False, bool, "create the Hub repository private"),
     },
     "sampling": {
         "num_inference_steps": (18, int, "Heun steps of the sample grids"),
@@ -70,6 +79,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "grid_rows": (8, int, "rows of the sample grid (one class per row for class-conditional models)"),
         "grid_cols": (8, int, "columns of the sample grid"),
         "seed": (0, int, "seed of the grid's noise (the same every time, so progress is visible)"),
+        "vae": (None, str, "latent models: AutoencoderKL (folder or Hub id) decoding grids; exports carry it"),
+        "vae_subfolder": (None, str, "subfolder of sampling.vae holding the AutoencoderKL (e.g. vae)"),
     },
 }
 
@@ -241,7 +252,7 @@ def validate_config(cfg: dict) -> dict:
         raise ValueError("the config has no 'model' section (EDM2UNet2DModel arguments)")
     if train["output_dir"] is None:
         raise ValueError("no output directory: pass --output_dir (or set training.output_dir)")
-    sources = ("hub", "imagefolder", "sklearn_digits", "memory")
+    sources = ("hub", "imagefolder", "latents", "sklearn_digits", "memory")
     if data["source"] is not None and data["source"] not in sources:
         raise ValueError(f"data.source must be one of {', '.join(sources)}, got {data['source']!r}")
     if data["dataset_name"] is not None and data["train_data_dir"] is not None:
@@ -284,6 +295,14 @@ def validate_config(cfg: dict) -> dict:
         raise ValueError("sampling.num_inference_steps, grid_rows and grid_cols must be positive")
     if not 0 < samp["sigma_min"] < samp["sigma_max"]:
         raise ValueError("sampling needs 0 < sigma_min < sigma_max")
+    if train["push_to_hub"]:
+        if not train["export_pipeline"]:
+            raise ValueError("--push_to_hub pushes the final export: it needs training.export_pipeline true")
+        if cfg.get("ema") is None:
+            raise ValueError("--push_to_hub needs an EMA to export, but the config disables it (ema: null)")
+        from ..hub.push import resolve_repo_id
+
+        resolve_repo_id(train["hub_model_id"])  # a missing or malformed id fails before training
     return cfg
 
 

@@ -40,6 +40,7 @@ from ..pipelines.pipeline_edm2 import (
 logger = logging.getLogger(__name__)
 
 LATENT_INFO_KEY = "edm2_latents"
+RUN_LATENT_INFO_NAME = "latent_info.json"  # a latent training run's constants, next to its config.yaml
 LATENTS_COLUMN = "latents"
 LABEL_COLUMN = "label"
 STORAGE_DTYPES = ("float32", "float16")
@@ -387,9 +388,51 @@ def load_latent_dataset(path: str | os.PathLike):
     return ds, read_latent_info(ds)
 
 
+def write_run_latent_info(output_dir: str | os.PathLike, info: dict) -> str:
+    """Record a latent run's standardization constants as ``output_dir/latent_info.json`` (atomically).
+
+    The export reads them back (:func:`read_run_latent_info`) and gives them to the pipeline, so a pipeline decodes
+    with the constants its model was trained with.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): the run folder.
+        info (`dict`): :func:`read_latent_info` of the training dataset.
+    """
+    record = {k: v for k, v in info.items() if k != "standardizer"}
+    record.update(info["standardizer"].to_dict())
+    path = os.path.join(os.fspath(output_dir), RUN_LATENT_INFO_NAME)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_run_latent_info(run_dir: str | os.PathLike) -> dict | None:
+    """The constants a latent run recorded (``latent_mean``, ``latent_std``, ``final_std``, ...), ``None`` for a
+    pixel-space run.
+
+    Raises:
+        ValueError: the file exists but does not hold valid constants.
+    """
+    path = os.path.join(os.fspath(run_dir), RUN_LATENT_INFO_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        LatentStandardizer.from_dict(info)  # validates
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} does not hold latent standardization constants: {err}") from None
+    info.setdefault("final_std", LATENT_FINAL_STD)
+    return info
+
+
 __all__ = [
     "LATENTS_COLUMN",
     "LATENT_INFO_KEY",
+    "RUN_LATENT_INFO_NAME",
     "LatentStandardizer",
     "LatentStatistics",
     "build_latent_dataset",
@@ -398,5 +441,7 @@ __all__ = [
     "images_to_tensor",
     "load_latent_dataset",
     "read_latent_info",
+    "read_run_latent_info",
     "save_latent_dataset",
+    "write_run_latent_info",
 ]

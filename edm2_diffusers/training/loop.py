@@ -8,6 +8,10 @@ what makes a run exact and restartable:
   bit-for-bit like one that was never interrupted;
 * the learning rate is a pure function of the number of images seen (:mod:`.schedule`), not an optimizer state;
 * the step counter and data position travel in the checkpoint (:class:`TrainingState`).
+
+Latent datasets (:mod:`.latents`) store the VAE posterior's moments; each micro-step draws its latents from them with
+the micro-step's seed, like its σ and ε. At the end the main process exports the EMA into ``output_dir/pipeline``
+(:mod:`.finish`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ..models import EDM2UNet2DModel
 from . import checkpoint as ckpt
 from .config import dump_config, validate_config
 from .data import build_image_dataset, check_dataset, load_train_dataset, random_flip, resolve_source
+from .finish import check_export_target, export_trained_run
 from .loss import EDM2TrainingLoss, sample_sigma
 from .samples import sample_grid, save_grid
 from .schedule import learning_rate, schedule_in_images
@@ -72,6 +77,8 @@ class TrainingResult:
         output_dir (`str`): the run folder.
         last_checkpoint (`str`, *optional*): the newest checkpoint folder.
         sample_grids (`list[str]`): sample grid PNGs written by this call.
+        pipeline_dir (`str`, *optional*): the exported pipeline (``output_dir/pipeline``; main process only).
+        is_main_process (`bool`): whether this process is the main one (the one that exports).
     """
 
     unet: EDM2UNet2DModel
@@ -81,6 +88,8 @@ class TrainingResult:
     output_dir: str
     last_checkpoint: str | None = None
     sample_grids: list[str] = field(default_factory=list)
+    pipeline_dir: str | None = None
+    is_main_process: bool = True
 
 
 def micro_step_seed(seed: int, step: int, micro: int, process: int) -> int:
@@ -153,15 +162,18 @@ def _batch_stream(accelerator, dataloader, epoch: int, skip: int):
         epoch, skip = epoch + 1, 0
 
 
-def train(cfg: dict, dataset=None) -> TrainingResult:
+def train(cfg: dict, dataset=None, hub_token: str | None = None) -> TrainingResult:
     """Train an EDM2 U-Net as ``cfg`` describes (see :func:`~edm2_diffusers.training.load_config`).
 
-    Everything that can be checked is checked before anything is written: the config, the data, the batch layout and
-    the checkpoint to resume from (its existence and architecture).
+    Everything that can be checked is checked before anything is written: the config (with the ``hub_model_id`` to
+    push to), the data, the batch layout, the checkpoint to resume from (its existence and architecture), the VAE of
+    ``sampling.vae`` and the export folder. At the end the main process exports the EMA into ``output_dir/pipeline``
+    and pushes it when ``training.push_to_hub`` (see :mod:`edm2_diffusers.training.finish`).
 
     Args:
         cfg (`dict`): the merged configuration (sections model, data, training, ema, sampling).
         dataset (`datasets.Dataset`, *optional*): an in-memory training set (overrides the ``data`` source).
+        hub_token (`str`, *optional*): Hub token for ``training.push_to_hub`` (never stored with the run).
 
     Returns:
         :class:`TrainingResult` (the same on every process, except ``ema`` which lives on the main process).
@@ -169,18 +181,19 @@ def train(cfg: dict, dataset=None) -> TrainingResult:
     Raises:
         ValueError / FileNotFoundError: bad configuration, data or checkpoint, before anything is written.
         NonFiniteLossError: the loss became NaN or infinite (the message names the step).
+        RuntimeError: training finished but the export or the push failed (the message says how to retry).
     """
     validate_config(cfg)
     previous_threads = torch.get_num_threads()
     if cfg["training"]["cpu_threads"]:
         torch.set_num_threads(cfg["training"]["cpu_threads"])
     try:
-        return _train(cfg, dataset)
+        return _train(cfg, dataset, hub_token)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(cfg: dict, dataset) -> TrainingResult:
+def _train(cfg: dict, dataset, hub_token: str | None) -> TrainingResult:
     data_cfg, train_cfg = cfg["data"], cfg["training"]
     output_dir = train_cfg["output_dir"]
     seed = train_cfg["seed"]
@@ -213,6 +226,10 @@ def _train(cfg: dict, dataset) -> TrainingResult:
     hf_dataset = load_train_dataset(data_cfg, dataset)
     resolution = check_dataset(hf_dataset, data_cfg, cfg["model"], source)
     train_set = build_image_dataset(hf_dataset, data_cfg, cfg["model"], source, resolution)
+    latent_info = _check_latents(source, hf_dataset, output_dir, resume_dir)
+    standardizer = latent_info["standardizer"] if latent_info else None
+    vae = _load_vae(cfg["sampling"], latent_info, accelerator.device, load=main)  # grids: main process only
+    check_export_target(cfg, warn=main)
     if len(train_set) < global_batch:
         raise ValueError(f"the dataset has {len(train_set)} images, fewer than one global batch of {global_batch}")
     dataloader = torch.utils.data.DataLoader(
@@ -253,6 +270,10 @@ def _train(cfg: dict, dataset) -> TrainingResult:
         if resume_dir is None:
             with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
                 f.write(dump_config(cfg))
+        if latent_info is not None:
+            from .latents import write_run_latent_info
+
+            write_run_latent_info(output_dir, latent_info)
     accelerator.wait_for_everyone()
     if resume_dir is not None:
         accelerator.load_state(resume_dir)
@@ -273,6 +294,9 @@ def _train(cfg: dict, dataset) -> TrainingResult:
         if main:
             logger.info("nothing to do: the run is at step %d of %d", state.step, max_steps)
         accelerator.end_training()
+        if main:  # a run stopped while exporting exports now; an export of this step is kept as it is
+            result.pipeline_dir = export_trained_run(cfg, ema, state.step, state.images_seen, hub_token)
+        result.is_main_process = main
         return result
     if train_cfg["report_to"] != "none":
         accelerator.init_trackers("edm2", config=_flat({k: v for k, v in cfg.items() if k != "model"}))
@@ -303,7 +327,10 @@ def _train(cfg: dict, dataset) -> TrainingResult:
         for micro in range(accum):
             batch = next(stream)
             torch.manual_seed(micro_step_seed(seed, state.step, micro, process))
-            images = batch["pixel_values"]
+            if standardizer is not None:  # a fresh latent z = mean + std·ε from this micro-step's seed
+                images = standardizer.sample(batch["latent_moments"])
+            else:
+                images = batch["pixel_values"]
             if data_cfg["random_flip"]:
                 images = random_flip(images)
             sigma = sample_sigma(images.shape[0], train_cfg["P_mean"], train_cfg["P_std"], device=images.device)
@@ -345,11 +372,15 @@ def _train(cfg: dict, dataset) -> TrainingResult:
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
 
         final = step == max_steps
-        if ema is not None and ema.snapshot_every_steps and (step % ema.snapshot_every_steps == 0 or final):
+        # Power-function EMA: snapshots every snapshot_every_steps, and always at the last step, so that the run
+        # can be exported and reconstructed where it ends (also with snapshot_every_steps 0).
+        snap_every = getattr(ema, "snapshot_every_steps", 0)
+        if hasattr(ema, "stds") and ((snap_every and step % snap_every == 0) or final):
             ema.save_snapshots(output_dir, step=step, nimg=state.images_seen)
         every = train_cfg["sample_every_steps"]
-        if main and ((every and step % every == 0) or final):
-            result.sample_grids.append(_write_samples(ema, unet, cfg, output_dir, step))
+        if main and ((every and step % every == 0) or final) and (standardizer is None or vae is not None):
+            latent_kwargs = standardizer.pipeline_kwargs() if standardizer is not None else None
+            result.sample_grids.append(_write_samples(ema, unet, cfg, output_dir, step, vae, latent_kwargs))
         every = train_cfg["checkpointing_steps"]
         if (every and step % every == 0) or final:
             result.last_checkpoint = ckpt.save_checkpoint(
@@ -368,10 +399,12 @@ def _train(cfg: dict, dataset) -> TrainingResult:
         progress.close()
     accelerator.end_training()
     result.step, result.images_seen = state.step, state.images_seen
+    result.is_main_process = main
     if main:
         logger.info(
             "done: %d steps, %d images seen; last checkpoint %s", state.step, state.images_seen, result.last_checkpoint
         )
+        result.pipeline_dir = export_trained_run(cfg, ema, state.step, state.images_seen, hub_token)
     return result
 
 
@@ -394,12 +427,54 @@ def _state_summary(state: TrainingState, accelerator, global_batch: int, accum: 
     }
 
 
-def _write_samples(ema, unet, cfg: dict, output_dir: str, step: int) -> str:
+def _check_latents(source: str, hf_dataset, output_dir: str, resume_dir: str | None) -> dict | None:
+    """A latent dataset's constants (:func:`~.latents.read_latent_info`); a resumed run must keep its constants."""
+    if source != "latents":
+        return None
+    from .latents import read_latent_info, read_run_latent_info
+
+    info = read_latent_info(hf_dataset)
+    recorded = read_run_latent_info(output_dir) if resume_dir is not None else None
+    if recorded is not None and info["standardizer"].to_dict() != {
+        k: recorded[k] for k in ("latent_mean", "latent_std", "final_std")
+    }:
+        raise ValueError(
+            f"the latent dataset's standardization constants differ from those the run recorded in {output_dir}: "
+            "resume with the dataset the run was trained on"
+        )
+    return info
+
+
+def _load_vae(sampling_cfg: dict, latent_info: dict | None, device, load: bool = True):
+    """The ``sampling.vae`` AutoencoderKL that decodes a latent run's sample grids (checked before training)."""
+    if not sampling_cfg.get("vae"):
+        if latent_info is not None and load:
+            logger.info("latent run without sampling.vae: no sample grids (set sampling.vae to decode them)")
+        return None
+    if latent_info is None:
+        raise ValueError("sampling.vae decodes latent models, but this run trains on images (drop sampling.vae)")
+    if not load:
+        return None
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(sampling_cfg["vae"], subfolder=sampling_cfg.get("vae_subfolder"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load the VAE of sampling.vae {sampling_cfg['vae']!r}: {err}") from None
+    channels = latent_info["standardizer"].channels
+    if vae.config.latent_channels != channels:
+        raise ValueError(f"sampling.vae has {vae.config.latent_channels} latent channels, the dataset {channels}")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def _write_samples(ema, unet, cfg: dict, output_dir: str, step: int, vae=None, latent_kwargs=None) -> str:
     """Sample a grid from the first EMA profile (or the raw model without EMA) and save it."""
     net = ema.averaged_models()[0][1] if ema is not None else unet
     was_training = net.training
     try:
-        image = sample_grid(net, cfg["sampling"], sigma_data=cfg["training"]["sigma_data"])
+        image = sample_grid(
+            net, cfg["sampling"], sigma_data=cfg["training"]["sigma_data"], vae=vae, latent_kwargs=latent_kwargs
+        )
     finally:
         net.train(was_training)
     path = save_grid(image, output_dir, step)

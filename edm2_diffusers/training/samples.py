@@ -52,6 +52,8 @@ def sample_grid(
     sampling_cfg: dict,
     sigma_data: float = 0.5,
     device: torch.device | str | None = None,
+    vae=None,
+    latent_kwargs: dict | None = None,
 ) -> Image.Image:
     """Draw a grid of samples with :class:`~edm2_diffusers.EDM2Pipeline` and the EDM Heun sampler.
 
@@ -60,6 +62,9 @@ def sample_grid(
         sampling_cfg (`dict`): the ``sampling`` config section (steps, σ range, ρ, grid shape, seed).
         sigma_data (`float`): σ_data of the run.
         device: where to sample (defaults to the U-Net's device).
+        vae (`AutoencoderKL`, *optional*): decoder of a latent model.
+        latent_kwargs (`dict`, *optional*): the latent standardization of a latent model
+            (:meth:`~edm2_diffusers.training.latents.LatentStandardizer.pipeline_kwargs`).
     """
     from ..pipelines import EDM2Pipeline
     from ..schedulers import EDMHeunScheduler
@@ -71,7 +76,7 @@ def sample_grid(
         sigma_data=sigma_data,
         rho=sampling_cfg["rho"],
     )
-    pipe = EDM2Pipeline(unet=unet, scheduler=scheduler)
+    pipe = EDM2Pipeline(unet=unet, scheduler=scheduler, vae=vae, **(latent_kwargs or {}))
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
         pipe = pipe.to(device)
@@ -84,7 +89,7 @@ def sample_grid(
         class_labels=labels,
         output_type="np",
     ).images
-    scale = max(1, 64 // unet.config.sample_size)
+    scale = max(1, 64 // images.shape[1])  # small images (8x8 digits) are enlarged to 64-pixel tiles
     return make_image_grid(images, rows, cols, scale=scale)
 
 

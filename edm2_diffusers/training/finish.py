@@ -1,0 +1,120 @@
+"""The end of a training run: export its EMA as a diffusers pipeline into ``output_dir/pipeline`` and push it.
+
+What is exported:
+
+* power-function EMA: the tracked profiles (``ema.stds``; the first at the root) reconstructed from the snapshots
+  of the last step with :func:`edm2_diffusers.hub.export_run`. The loop writes a snapshot at the last step whatever
+  ``ema.snapshot_every_steps`` says, so a run can always be exported (and reconstructed) where it ended;
+* traditional EMA: its single average, as it is, with :func:`edm2_diffusers.hub.export_model` (it has no snapshots,
+  so other EMA lengths cannot be made from it);
+* no EMA (``ema: null``): nothing; a warning says so when the run starts.
+
+Latent runs carry their standardization constants (``latent_info.json``) into the pipeline, and the VAE of
+``sampling.vae`` when one is configured. Only the main process exports and pushes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_SUBDIR = "pipeline"
+
+
+def pipeline_dir(output_dir: str) -> str:
+    """Where a run's export goes: ``output_dir/pipeline``."""
+    return os.path.join(output_dir, PIPELINE_SUBDIR)
+
+
+def check_export_target(cfg: dict, warn: bool = True) -> None:
+    """Before training: the export must not replace anything but an earlier export of this package.
+
+    Args:
+        cfg (`dict`): the run's configuration.
+        warn (`bool`): log that a run without EMA exports nothing (on the main process).
+
+    Raises:
+        ValueError: ``output_dir/pipeline`` holds files that are not a pipeline export.
+    """
+    if not cfg["training"]["export_pipeline"]:
+        return
+    if cfg.get("ema") is None:
+        if warn:
+            logger.warning("ema: null — this run has no EMA, so nothing will be exported to %s", PIPELINE_SUBDIR)
+        return
+    target = pipeline_dir(cfg["training"]["output_dir"])
+    if not os.path.exists(target):
+        return
+    if not os.path.isdir(target):
+        raise ValueError(f"{target} exists and is not a folder; the run exports its pipeline there")
+    from ..hub.model_card import EXPORT_INFO_NAME
+
+    if os.listdir(target) and not os.path.isfile(os.path.join(target, EXPORT_INFO_NAME)):
+        raise ValueError(
+            f"{target} holds files that are not a pipeline export; the run would export into it at the end. Move "
+            "them away, or pass --no-export_pipeline"
+        )
+
+
+def _earlier_export_step(target: str) -> int | None:
+    from ..hub.model_card import EXPORT_INFO_NAME
+
+    try:
+        with open(os.path.join(target, EXPORT_INFO_NAME), encoding="utf-8") as f:
+            return int(json.load(f)["run"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: str | None = None) -> str | None:
+    """Export the EMA of a finished run into ``output_dir/pipeline`` (and push it when ``training.push_to_hub``).
+
+    An export of the same step that is already there is kept as it is (a finished run resumed again exports
+    nothing); an export of an earlier step is replaced.
+
+    Args:
+        cfg (`dict`): the run's configuration.
+        ema: the run's EMA tracker (``PowerFunctionEMA`` or ``TraditionalEMA``; ``None``: nothing to export).
+        step (`int`), images_seen (`int`): where the run ended.
+        hub_token (`str`, *optional*): Hub token for the push (default: ``HF_TOKEN`` or the cached login).
+
+    Returns:
+        `str` or `None`: the export folder, or ``None`` when nothing was exported.
+
+    Raises:
+        RuntimeError: the export or the push failed; the message says how to retry (the checkpoint is complete).
+    """
+    train_cfg = cfg["training"]
+    if not train_cfg["export_pipeline"] or ema is None:
+        return None
+    from ..ema import PowerFunctionEMA
+    from ..hub import export_model, export_run, push_to_hub
+
+    output_dir = train_cfg["output_dir"]
+    target = pipeline_dir(output_dir)
+    repo_id = train_cfg["hub_model_id"]
+    try:
+        if _earlier_export_step(target) == step:
+            logger.info("%s already holds the export of step %d", target, step)
+        elif isinstance(ema, PowerFunctionEMA):
+            export_run(output_dir, target, stds=list(ema.stds), step=step, overwrite=True, hub_model_id=repo_id)
+        else:
+            ((_, net),) = ema.averaged_models()
+            description = {"type": "traditional", "beta": ema.beta, "warmup_steps": ema.warmup_steps}
+            export_model(output_dir, net, target, step, images_seen, ema=description, overwrite=True, repo_id=repo_id)
+        if train_cfg["push_to_hub"]:
+            push_to_hub(target, repo_id, private=train_cfg["hub_private"], token=hub_token)
+    except Exception as err:
+        raise RuntimeError(
+            f"training finished at step {step} and its checkpoint is complete, but exporting or pushing {target} "
+            f"failed: {err}. Retry with the same command and --resume_from_checkpoint latest, or with "
+            f"examples/export_pipeline.py --run_dir {output_dir}"
+        ) from err
+    logger.info("pipeline: %s", target)
+    return target
+
+
+__all__ = ["PIPELINE_SUBDIR", "check_export_target", "export_trained_run", "pipeline_dir"]
