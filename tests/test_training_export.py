@@ -88,6 +88,7 @@ def test_power_ema_run_ends_with_a_loadable_export_of_its_ema(tmp_path):
     assert check_export(out / "pipeline") == [out / "pipeline", out / "pipeline" / "ema-0.100"]
     info = read_export_info(out / "pipeline")
     assert info["run"]["step"] == 3 and info["run"]["nimg"] == 24
+    assert info["model_name"] == "run" and info["repo_id"] == "your-username/run"  # named after the run
     assert [v["std"] for v in info["variants"]] == [0.05, 0.10]
 
     # The exported weights are the EMA profiles the run tracked, the first std at the root.

@@ -283,7 +283,9 @@ def check_export(export_dir: str | os.PathLike) -> list[Path]:
     for folder in pipelines:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
         for name, entry in index.items():
-            if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            # Components are [library, class] pairs; other lists (e.g. latent_mean) are pipeline settings.
+            is_component = isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
+            if name.startswith("_") or not is_component:
                 continue
             component = folder / name
             if not component.is_dir():
@@ -733,12 +735,14 @@ def _write_export(
 
         import diffusers
 
-        name = model_name or (repo_id.split("/")[-1] if repo_id else output_dir.name)
+        # The default export of a run (run_dir/pipeline, as training writes it) is named after the run.
+        is_default = output_dir.resolve() == (run_dir / "pipeline").resolve()
+        folder_name = run_dir.resolve().name if is_default else output_dir.name
+        name = model_name or (repo_id.split("/")[-1] if repo_id else folder_name)
         dataset_info = dataset_description(config, dataset)
         if latent is not None and not dataset and not dataset_info.get("name"):
-            dataset_info["text"] = "latents of " + (
-                f"{latent['num_images']:,} images" if latent.get("num_images") else "an image dataset"
-            )
+            count = f" ({latent['num_images']:,} encoded images)" if latent.get("num_images") else ""
+            dataset_info["text"] = f"a latent dataset{count}"
         info = {
             "format": EXPORT_FORMAT,
             "format_version": 1,
@@ -747,7 +751,7 @@ def _write_export(
             "model_name": name,
             "license": license,
             "tags": list(tags or []),
-            "repo_id": repo_id or f"your-username/{output_dir.name}",
+            "repo_id": repo_id or f"your-username/{folder_name}",
             "run": {
                 "name": run_dir.resolve().name,
                 "step": int(step),

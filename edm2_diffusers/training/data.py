@@ -1,5 +1,6 @@
-"""Training data through Hugging Face ``datasets``: Hub datasets, local image folders, in-memory datasets and the
-8×8 handwritten digits that scikit-learn ships (the offline quickstart).
+"""Training data through Hugging Face ``datasets``: Hub datasets, local image folders, in-memory datasets, the
+8×8 handwritten digits that scikit-learn ships (the offline quickstart), and latent datasets written by
+``examples/encode_latents.py`` (``save_to_disk`` folders of VAE posterior moments, see :mod:`.latents`).
 
 Images become float tensors in [-1, 1] with numpy and PIL only (no torchvision). Random horizontal flips are applied
 per batch in the training loop (:func:`random_flip`) from a seeded generator, so a resumed run sees the same flips.
@@ -51,8 +52,18 @@ def load_digits_dataset():
     )
 
 
+def is_saved_dataset(folder: str) -> bool:
+    """Whether ``folder`` holds a ``datasets.Dataset`` written by ``save_to_disk`` (as ``encode_latents.py`` does)."""
+    return os.path.isfile(os.path.join(folder, "state.json")) and os.path.isfile(
+        os.path.join(folder, "dataset_info.json")
+    )
+
+
 def resolve_source(data_cfg: dict, dataset=None) -> str:
-    """Which kind of data ``data_cfg`` names: ``memory``, ``sklearn_digits``, ``imagefolder`` or ``hub``."""
+    """Which kind of data ``data_cfg`` names: ``memory``, ``sklearn_digits``, ``imagefolder``, ``latents`` or ``hub``.
+
+    A ``train_data_dir`` that ``save_to_disk`` wrote (``state.json`` and ``dataset_info.json``) is a latent dataset.
+    """
     if dataset is not None:
         return "memory"
     source = data_cfg.get("source")
@@ -61,7 +72,7 @@ def resolve_source(data_cfg: dict, dataset=None) -> str:
     if source is not None:
         return source
     if data_cfg.get("train_data_dir"):
-        return "imagefolder"
+        return "latents" if is_saved_dataset(data_cfg["train_data_dir"]) else "imagefolder"
     if data_cfg.get("dataset_name"):
         return "hub"
     raise ValueError("no training data: give --dataset_name (Hub), --train_data_dir (image folder) or data.source")
@@ -100,6 +111,18 @@ def load_train_dataset(data_cfg: dict, dataset=None):
             split=data_cfg.get("dataset_split") or "train",
             cache_dir=data_cfg.get("cache_dir"),
         )
+    elif source == "latents":
+        from .latents import load_latent_dataset
+
+        folder = data_cfg.get("train_data_dir")
+        if not folder:
+            raise ValueError("data.source is 'latents' but no --train_data_dir (the encoded dataset) was given")
+        if not is_saved_dataset(folder):
+            raise FileNotFoundError(
+                f"--train_data_dir {folder!r} is not a latent dataset written by examples/encode_latents.py "
+                "(no state.json / dataset_info.json)"
+            )
+        ds, _ = load_latent_dataset(folder)  # also checks that it carries the standardization constants
     elif source == "hub":
         if not data_cfg.get("dataset_name"):
             raise ValueError("data.source is 'hub' but no --dataset_name was given")
@@ -123,6 +146,11 @@ def load_train_dataset(data_cfg: dict, dataset=None):
 def _columns_for(source: str, data_cfg: dict) -> tuple[str, str | None]:
     if source == "sklearn_digits":
         return DIGITS_IMAGE_COLUMN, data_cfg.get("label_column")
+    if source == "latents":
+        from .latents import LATENTS_COLUMN
+
+        column = data_cfg.get("image_column")
+        return (LATENTS_COLUMN if column in (None, "image") else column), data_cfg.get("label_column")
     return data_cfg.get("image_column") or "image", data_cfg.get("label_column")
 
 
@@ -137,29 +165,8 @@ def _open_encoded(value) -> tuple[Image.Image, str]:
     return Image.open(path), name
 
 
-def check_dataset(ds, data_cfg: dict, model_cfg: dict, source: str) -> int:
-    """Fail fast on data the model cannot train on; return the image resolution used for training.
-
-    Checks that the image column exists and holds images, that the label column is given exactly when the model is
-    class-conditional and holds class ids in range, that images have one size (or ``resolution`` is set) matching the
-    model's ``sample_size``, and that every file of a local image folder opens.
-
-    Raises:
-        ValueError: naming the problem (and the file, for a corrupt image).
-    """
-    import datasets
-
-    image_column, label_column = _columns_for(source, data_cfg)
-    if image_column not in ds.column_names:
-        raise ValueError(
-            f"the dataset has no image column {image_column!r}; its columns are {ds.column_names} (set --image_column)"
-        )
-    feature = ds.features[image_column]
-    if not isinstance(feature, datasets.Image):
-        raise ValueError(f"column {image_column!r} does not hold images (its feature is {feature})")
-    if len(ds) == 0:
-        raise ValueError("the training dataset is empty")
-
+def _check_labels(ds, label_column: str | None, model_cfg: dict) -> None:
+    """A label column exactly when the model is class-conditional, holding class ids in range."""
     num_classes = model_cfg.get("num_class_embeds")
     if label_column is not None and not num_classes:
         raise ValueError(
@@ -182,6 +189,74 @@ def check_dataset(ds, data_cfg: dict, model_cfg: dict, source: str) -> int:
                 f"label column {label_column!r} holds ids in [{labels.min()}, {labels.max()}] but the model has "
                 f"{num_classes} classes (model.num_class_embeds)"
             )
+
+
+def _check_latent_dataset(ds, column: str, label_column: str | None, data_cfg: dict, model_cfg: dict) -> int:
+    """Checks of a latent dataset: moments of ``in_channels`` latent channels at the model's ``sample_size``."""
+    import datasets
+
+    from .latents import read_latent_info
+
+    feature = ds.features[column]
+    if not isinstance(feature, datasets.Array3D):
+        raise ValueError(
+            f"column {column!r} does not hold latent moments (its feature is {feature}); a latent dataset written by "
+            "examples/encode_latents.py has a column 'latents' of shape (2C, h, w)"
+        )
+    if len(ds) == 0:
+        raise ValueError("the training dataset is empty")
+    standardizer = read_latent_info(ds)["standardizer"]
+    moments, height, width = feature.shape
+    if moments != 2 * standardizer.channels:
+        raise ValueError(
+            f"column {column!r} holds {moments} channels per row, but the dataset's constants describe "
+            f"{standardizer.channels} latent channels (posterior mean and std: {2 * standardizer.channels})"
+        )
+    for key in ("in_channels", "out_channels"):
+        if model_cfg.get(key, 3) != standardizer.channels:
+            raise ValueError(
+                f"the latents have {standardizer.channels} channels but model.{key} is {model_cfg.get(key, 3)}; "
+                f"set model.{key}: {standardizer.channels}"
+            )
+    if height != width:
+        raise ValueError(f"the latents are {width}x{height}, not square")
+    resolution = data_cfg.get("resolution")
+    if resolution is not None and resolution != height:
+        raise ValueError(
+            f"the latents are stored at {height}x{height}; --resolution {resolution} cannot resize them (drop it)"
+        )
+    sample_size = model_cfg.get("sample_size")
+    if sample_size is not None and sample_size != height:
+        raise ValueError(f"the latents are {height}x{height} but the model's sample_size is {sample_size}")
+    _check_labels(ds, label_column, model_cfg)
+    return height
+
+
+def check_dataset(ds, data_cfg: dict, model_cfg: dict, source: str) -> int:
+    """Fail fast on data the model cannot train on; return the image resolution used for training.
+
+    Checks that the image column exists and holds images, that the label column is given exactly when the model is
+    class-conditional and holds class ids in range, that images have one size (or ``resolution`` is set) matching the
+    model's ``sample_size``, and that every file of a local image folder opens.
+
+    Raises:
+        ValueError: naming the problem (and the file, for a corrupt image).
+    """
+    import datasets
+
+    image_column, label_column = _columns_for(source, data_cfg)
+    if image_column not in ds.column_names:
+        raise ValueError(
+            f"the dataset has no image column {image_column!r}; its columns are {ds.column_names} (set --image_column)"
+        )
+    if source == "latents":
+        return _check_latent_dataset(ds, image_column, label_column, data_cfg, model_cfg)
+    feature = ds.features[image_column]
+    if not isinstance(feature, datasets.Image):
+        raise ValueError(f"column {image_column!r} does not hold images (its feature is {feature})")
+    if len(ds) == 0:
+        raise ValueError("the training dataset is empty")
+    _check_labels(ds, label_column, model_cfg)
 
     in_channels = model_cfg.get("in_channels", 3)
     if in_channels not in (1, 3):
@@ -282,9 +357,45 @@ class EDM2ImageDataset(torch.utils.data.Dataset):
         return [self._item(img, lab, int(i)) for img, lab, i in zip(rows[self.image_column], labels, indices)]
 
 
-def build_image_dataset(ds, data_cfg: dict, model_cfg: dict, source: str, resolution: int) -> EDM2ImageDataset:
+class EDM2LatentDataset(torch.utils.data.Dataset):
+    """A map-style torch dataset over a latent ``datasets.Dataset``: ``{"latent_moments", "class_labels"?, "index"}``.
+
+    Rows hold the VAE posterior's mean and std (2C channels); the training loop draws the latent from them inside
+    its seeded micro-step (:meth:`~edm2_diffusers.training.latents.LatentStandardizer.sample`), so a resumed run
+    draws the same latents.
+
+    Args:
+        hf_dataset (`datasets.Dataset`): the source.
+        column (`str`), label_column (`str`, *optional*): columns to read.
+    """
+
+    def __init__(self, hf_dataset, column: str, label_column: str | None):
+        columns = [column] + ([label_column] if label_column else [])
+        self.dataset = hf_dataset.select_columns(columns).with_format("numpy")
+        self.column = column
+        self.label_column = label_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        rows = self.dataset[[int(i) for i in indices]]
+        moments = torch.from_numpy(np.asarray(rows[self.column], dtype=np.float32))
+        items = [{"latent_moments": m, "index": int(i)} for m, i in zip(moments, indices)]
+        if self.label_column:
+            for item, label in zip(items, rows[self.label_column]):
+                item["class_labels"] = int(label)
+        return items
+
+
+def build_image_dataset(ds, data_cfg: dict, model_cfg: dict, source: str, resolution: int):
     """The torch dataset the training loop reads, from a checked ``datasets.Dataset``."""
     image_column, label_column = _columns_for(source, data_cfg)
+    if source == "latents":
+        return EDM2LatentDataset(ds, image_column, label_column)
     return EDM2ImageDataset(
         ds, image_column, label_column, resolution=resolution, channels=model_cfg.get("in_channels", 3)
     )
@@ -298,9 +409,11 @@ def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) 
 
 __all__ = [
     "EDM2ImageDataset",
+    "EDM2LatentDataset",
     "build_image_dataset",
     "check_dataset",
     "image_to_array",
+    "is_saved_dataset",
     "load_digits_dataset",
     "load_train_dataset",
     "random_flip",
