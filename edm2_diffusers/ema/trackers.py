@@ -133,7 +133,8 @@ class PowerFunctionEMA(_EMATracker):
         count_by (`str`, defaults to `"images"`): the EMA clock, `"images"` (training images seen, robust to batch
             size changes) or `"steps"` (optimizer steps). The profiles are scale-invariant, so with a constant batch
             size both give the same averages.
-        snapshot_every_steps (`int`, defaults to 0): how often the trainer should call `save_snapshots` (0 = never).
+        snapshot_every_steps (`int`, defaults to 0): how often the trainer should call `save_snapshots` (0 = never;
+            the package's trainer also writes one at the last step, so a run can always be exported).
         snapshot_dtype (`str`, defaults to `"float32"`): dtype snapshots store parameters in (`"float16"` halves them).
     """
 
