@@ -23,15 +23,16 @@ def golden_config(meta: dict) -> dict:
 
 
 def tiny_unet_config(**overrides):
+    """A Config G U-Net of about 50k parameters on 8×8 single-channel images, for fast tests."""
     cfg = dict(
         sample_size=8,
         in_channels=1,
         out_channels=1,
         architecture="G",
         model_channels=16,
-        channel_mult=(1, 2),
+        channel_mult=[1, 2],
         num_blocks=1,
-        attn_resolutions=(4,),
+        attn_resolutions=[4],
         channels_per_head=16,
         logvar_channels=16,
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_unet_config
 from safetensors import safe_open
 
 from edm2_diffusers import EDM2UNet2DModel
@@ -31,18 +32,7 @@ from edm2_diffusers.ema import (
 reconstruct_module = importlib.import_module("edm2_diffusers.ema.reconstruct")
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "golden" / "phema_official.json"
-TINY = dict(
-    sample_size=8,
-    in_channels=1,
-    out_channels=1,
-    architecture="G",
-    model_channels=16,
-    channel_mult=(1, 2),
-    num_blocks=1,
-    attn_resolutions=(4,),
-    channels_per_head=16,
-    logvar_channels=16,
-)
+TINY = tiny_unet_config()
 BATCH = 4
 STEPS = 24
 EVERY = 3

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_unet_config
 from torchmetrics.image.fid import _compute_fid
 
 from edm2_diffusers import EDM2Pipeline, EDM2UNet2DModel, EDMHeunScheduler
@@ -22,18 +23,7 @@ from edm2_diffusers.evaluation import (
 from edm2_diffusers.evaluation.evaluate import reference_stats
 from edm2_diffusers.evaluation.linear_probe import block_features, linear_probe, probe_dataset
 
-TINY = dict(
-    sample_size=8,
-    in_channels=1,
-    out_channels=1,
-    architecture="G",
-    model_channels=16,
-    channel_mult=(1, 2),
-    num_blocks=1,
-    attn_resolutions=(4,),
-    channels_per_head=16,
-    logvar_channels=16,
-)
+TINY = tiny_unet_config()
 
 
 @pytest.fixture(scope="session")

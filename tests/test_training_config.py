@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_unet_config
 
 from edm2_diffusers import EDM2UNet2DModel
 from edm2_diffusers.training import (
@@ -22,18 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(
     p for d in ("cifar10", "cifar100", "tinyimagenet", "digits") for p in (ROOT / "configs" / d).glob("*.yaml")
 )
-TINY = dict(
-    sample_size=8,
-    in_channels=1,
-    out_channels=1,
-    architecture="G",
-    model_channels=16,
-    channel_mult=[1, 2],
-    num_blocks=1,
-    attn_resolutions=[4],
-    channels_per_head=16,
-    logvar_channels=16,
-)
+TINY = tiny_unet_config()
 
 
 def write(path: Path, text: str) -> Path:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_unet_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,19 +23,7 @@ from edm2_diffusers.training import NonFiniteLossError, list_checkpoints, load_c
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_edm2.py"
-TINY = dict(
-    sample_size=8,
-    in_channels=1,
-    out_channels=1,
-    architecture="G",
-    model_channels=16,
-    channel_mult=[1, 2],
-    num_blocks=1,
-    attn_resolutions=[4],
-    channels_per_head=16,
-    logvar_channels=16,
-    num_class_embeds=10,
-)
+TINY = tiny_unet_config(num_class_embeds=10)
 
 
 def tiny_config(tmp_path: Path, **training) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from conftest import tiny_unet_config
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,18 +39,7 @@ def free_port() -> int:
 
 def test_two_cpu_processes_train_one_model(tmp_path):
     cfg = {
-        "model": dict(
-            sample_size=8,
-            in_channels=1,
-            out_channels=1,
-            architecture="G",
-            model_channels=16,
-            channel_mult=[1, 2],
-            num_blocks=1,
-            attn_resolutions=[4],
-            channels_per_head=16,
-            logvar_channels=16,
-        ),
+        "model": tiny_unet_config(),
         "data": {"source": "sklearn_digits", "random_flip": True, "max_train_samples": 64},
         "training": {
             "train_batch_size": 4,
