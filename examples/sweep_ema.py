@@ -24,26 +24,8 @@ import sys
 from accelerate import Accelerator
 
 from edm2_diffusers.ema import list_snapshots
-from edm2_diffusers.evaluation import get_feature_extractor
-from edm2_diffusers.evaluation.evaluate import resolve_reference
+from edm2_diffusers.evaluation.evaluate import add_reference_args, extractor_from_args, resolve_reference
 from edm2_diffusers.evaluation.sweep import parse_stds, sweep_ema
-
-
-def add_reference_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--feature_extractor", default="inception", choices=["inception", "digits"])
-    parser.add_argument("--inception_weights", default=None, help="local torch-fidelity Inception weights file")
-    parser.add_argument("--ref_stats", default=None, help=".npz of reference statistics: read, or written if missing")
-    parser.add_argument("--dataset_name", default=None, help="Hub dataset of the reference images, or 'digits'")
-    parser.add_argument("--dataset_config_name", default=None)
-    parser.add_argument("--train_data_dir", default=None, help="local image folder of the reference images instead")
-    parser.add_argument("--dataset_split", default="train")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--resolution", type=int, default=None, help="resize/crop reference images (as in training)")
-
-
-def build_extractor(args):
-    kwargs = {"weights_path": args.inception_weights} if args.feature_extractor == "inception" else {}
-    return get_feature_extractor(args.feature_extractor, **kwargs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,7 +58,7 @@ def main(argv=None):
     if not os.path.isdir(args.run_dir):
         raise FileNotFoundError(f"--run_dir {args.run_dir!r} is not a directory")
     accelerator = Accelerator()
-    extractor = build_extractor(args)
+    extractor = extractor_from_args(args)
     channels = list_snapshots(args.run_dir)[0].model_config.get("in_channels", 3)
     reference = resolve_reference(
         extractor,

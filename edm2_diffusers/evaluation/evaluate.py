@@ -290,3 +290,22 @@ __all__ = [
     "reference_stats",
     "resolve_reference",
 ]
+
+
+def add_reference_args(parser) -> None:
+    """Command-line options shared by the evaluation scripts: the feature extractor and the reference images."""
+    parser.add_argument("--feature_extractor", default="inception", choices=["inception", "digits"])
+    parser.add_argument("--inception_weights", default=None, help="local torch-fidelity Inception weights file")
+    parser.add_argument("--ref_stats", default=None, help=".npz of reference statistics: read, or written if missing")
+    parser.add_argument("--dataset_name", default=None, help="Hub dataset of the reference images, or 'digits'")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--train_data_dir", default=None, help="local image folder of the reference images instead")
+    parser.add_argument("--dataset_split", default="train")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--resolution", type=int, default=None, help="resize/crop reference images (as in training)")
+
+
+def extractor_from_args(args):
+    """The feature extractor that :func:`add_reference_args`' options name."""
+    kwargs = {"weights_path": args.inception_weights} if args.feature_extractor == "inception" else {}
+    return get_feature_extractor(args.feature_extractor, **kwargs)
