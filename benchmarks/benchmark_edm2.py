@@ -329,6 +329,11 @@ def main(argv=None):
     parser.add_argument("--min_rounds", type=int, default=3, help="interleaved timing rounds, at least")
     parser.add_argument("--max_rounds", type=int, default=50)
     parser.add_argument("--compile", nargs="?", const="default", default=None, help="torch.compile mode for ours")
+    parser.add_argument(
+        "--freeze",
+        action="store_true",
+        help="with --compile: inductor freezing for inference graphs (weights folded and prepacked as constants)",
+    )
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compare_multigpu", help="checkout of edm2-multi-gpu (Config C/E)")
     parser.add_argument("--compare_official", help="checkout of NVIDIA's EDM2 (Config G)")
@@ -341,6 +346,10 @@ def main(argv=None):
     model_cfg = yaml.safe_load(Path(args.config).read_text())["model"]
     model_cfg["dropout"] = 0.0  # dropout changes nothing in cost but makes runs differ
     device = torch.device(args.device)
+    if args.freeze:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
     if args.posthoc_ema:
         rows = bench_posthoc_ema(args, model_cfg)
         if args.json:
