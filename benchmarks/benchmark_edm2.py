@@ -283,7 +283,11 @@ def bench_all(impls, model_cfg, args, device, peak_flops):
 
 
 def bench_posthoc_ema(args, model_cfg):
-    """Reconstruction time and peak memory against the number of snapshots."""
+    """Post-hoc EMA reconstruction: time and peak memory against the number of snapshots.
+
+    Peak memory is the resident-set growth during ``reconstruct`` in model sizes (fp32 parameters and buffers);
+    the bound to meet is (number of outputs + 2).
+    """
     from edm2_diffusers.ema import PowerFunctionEMA, reconstruct
 
     rows = []
@@ -295,27 +299,27 @@ def bench_posthoc_ema(args, model_cfg):
                 with torch.no_grad():
                     for p in model.parameters():
                         p.add_(torch.randn_like(p), alpha=1e-3)
-                ema.update(step=step)
-                ema.save_snapshots(run_dir, step=step, nimg=step)
-            model_bytes = sum(p.numel() * 4 for p in model.parameters())
+                ema.update(cur_nimg=step * 8, batch_size=8)
+                ema.save_snapshots(run_dir, step=step, nimg=step * 8)
+            model_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
             del model, ema
-            import tracemalloc
-
-            tracemalloc.start()
-            start = time.perf_counter()
-            outputs = list(reconstruct(run_dir, stds=args.ema_stds))
-            elapsed = time.perf_counter() - start
-            _, peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
+            with peak_memory(torch.device("cpu")) as mem:
+                start = time.perf_counter()
+                outputs = list(reconstruct(run_dir, stds=args.ema_stds))
+                elapsed = time.perf_counter() - start
             rows.append(
-                dict(snapshots=count * 2, seconds=elapsed, peak_model_sizes=_state_bytes(outputs) / model_bytes)
+                dict(
+                    snapshots=count * 2,
+                    outputs=len(outputs),
+                    seconds=round(elapsed, 3),
+                    seconds_per_snapshot=round(elapsed / (count * 2), 4),
+                    peak_model_sizes=round(mem["peak"] / model_bytes, 2),
+                    bound_model_sizes=len(outputs) + 2,
+                )
             )
+            del outputs
             print(json.dumps(rows[-1]))
     return rows
-
-
-def _state_bytes(outputs):
-    return sum(t.numel() * t.element_size() for _, sd in outputs for t in sd.values())
 
 
 def main(argv=None):
