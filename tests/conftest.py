@@ -44,3 +44,21 @@ def tiny_unet_config(**overrides):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def tiny_vae():
+    """A randomly initialised two-level AutoencoderKL (4 latent channels, 2× downsampling) for latent tests."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    ).eval()

@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from conftest import tiny_vae
 from PIL import Image
 
 from edm2_diffusers import EDM2Pipeline, EDM2UNet2DModel, EDMHeunScheduler
@@ -27,21 +27,6 @@ from edm2_diffusers.training.latents import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(20, 30), (40, 16), (16, 16), (50, 50), (33, 17)]  # (height, width)
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    ).eval()
 
 
 def tiny_unet(channels):

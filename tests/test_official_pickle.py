@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import golden_config, golden_state, load_golden, tiny_unet_config
+from conftest import golden_config, golden_state, load_golden, tiny_unet_config, tiny_vae
 from torch import nn
 
 from edm2_diffusers import EDM2UNet2DModel
@@ -552,20 +552,6 @@ def test_script_converts_a_guided_class_conditional_pair(tmp_path):
         script.parse_args([str(main_pkl), str(out), "--guidance", str(guide_pkl)])
 
 
-def _tiny_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-    ).eval()
-
-
 def test_latent_network_with_and_without_vae(tmp_path):
     from edm2_diffusers import EDM2Pipeline
     from edm2_diffusers.convert.official_pickle import convert_official_pipeline, save_converted_pipeline
@@ -573,7 +559,7 @@ def test_latent_network_with_and_without_vae(tmp_path):
     model = _random_unet(0, in_channels=4, out_channels=4)
     pkl = _write_pickle(tmp_path / "latent.pkl", model, StabilityVAEEncoder())
     vae_dir = tmp_path / "vae"
-    _tiny_vae().save_pretrained(vae_dir)
+    tiny_vae().save_pretrained(vae_dir)
 
     with_vae = save_converted_pipeline(convert_official_pipeline(pkl, vae=vae_dir), tmp_path / "with")
     pipe = EDM2Pipeline.from_pretrained(with_vae)
@@ -585,7 +571,7 @@ def test_latent_network_with_and_without_vae(tmp_path):
     without = save_converted_pipeline(convert_official_pipeline(pkl), tmp_path / "without")
     readme = (without / "README.md").read_text()
     assert 'AutoencoderKL.from_pretrained("stabilityai/sd-vae-ft-mse")' in readme
-    pipe = EDM2Pipeline.from_pretrained(without, vae=_tiny_vae())
+    pipe = EDM2Pipeline.from_pretrained(without, vae=tiny_vae())
     assert pipe.config.latent_mean == pytest.approx([5.81, 3.25, 0.12, -2.15], abs=1e-6)
     assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
 
@@ -597,7 +583,7 @@ def test_pipeline_conversion_errors(tmp_path):
     with pytest.raises(ValueError, match="together"):
         convert_official_pipeline(pkl, guidance_pickle=pkl)
     with pytest.raises(ValueError, match="works on pixels"):
-        convert_official_pipeline(pkl, vae=_tiny_vae())
+        convert_official_pipeline(pkl, vae=tiny_vae())
     latent_guide = _write_pickle(tmp_path / "latent.pkl", _random_unet(1), StabilityVAEEncoder())
     with pytest.raises(ValueError, match="latent space"):
         convert_official_pipeline(pkl, guidance_pickle=latent_guide, guidance_scale=2.0)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_unet_config
+from conftest import tiny_unet_config, tiny_vae
 from diffusers import AutoencoderKL, EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from PIL import Image
 
@@ -275,21 +275,6 @@ def test_scheduler_swap_by_config():
     assert pipe.scheduler.config.sigma_max == 80.0 and pipe.scheduler.config.prediction_type == "epsilon"
     images = pipe(batch_size=1, num_inference_steps=3, generator=gen(0), output_type="np").images
     assert np.isfinite(images).all()
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    ).eval()
 
 
 def test_latent_pipeline_decodes_to_image_size(tmp_path):

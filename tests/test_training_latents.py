@@ -12,11 +12,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_vae
 from diffusers import AutoencoderKL, DiffusionPipeline
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
-from test_latents import tiny_vae
 
 from edm2_diffusers.hub import check_export, load_pipeline
 from edm2_diffusers.training import load_config, merge_config, train
