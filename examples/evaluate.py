@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 
 from edm2_diffusers.evaluation import evaluate_pipeline
-from edm2_diffusers.evaluation.evaluate import add_reference_args, extractor_from_args, resolve_reference
+from edm2_diffusers.evaluation.evaluate import add_reference_args, extractor_from_args, reference_from_args
 from edm2_diffusers.hub.loading import load_pipeline
 
 
@@ -54,18 +54,7 @@ def main(argv=None) -> dict:
     accelerator = Accelerator()
     extractor = extractor_from_args(args)
     pipe = load_pipeline(args.pipeline, args.subfolder)
-    reference = resolve_reference(
-        extractor,
-        args.ref_stats,
-        args.dataset_name,
-        args.train_data_dir,
-        args.dataset_split,
-        args.dataset_config_name,
-        args.image_column,
-        args.resolution,
-        pipe.unet.config.in_channels,
-        accelerator,
-    )
+    reference = reference_from_args(extractor, args, pipe.unet.config.in_channels, accelerator)
     kwargs = {"guidance_scale": args.guidance_scale} if args.guidance_scale != 1.0 else {}
     cache_settings = {
         "pipeline": os.path.abspath(args.pipeline) if os.path.exists(args.pipeline) else args.pipeline,

@@ -24,7 +24,7 @@ import sys
 from accelerate import Accelerator
 
 from edm2_diffusers.ema import list_snapshots
-from edm2_diffusers.evaluation.evaluate import add_reference_args, extractor_from_args, resolve_reference
+from edm2_diffusers.evaluation.evaluate import add_reference_args, extractor_from_args, reference_from_args
 from edm2_diffusers.evaluation.sweep import parse_stds, sweep_ema
 
 
@@ -60,18 +60,7 @@ def main(argv=None):
     accelerator = Accelerator()
     extractor = extractor_from_args(args)
     channels = list_snapshots(args.run_dir)[0].model_config.get("in_channels", 3)
-    reference = resolve_reference(
-        extractor,
-        args.ref_stats,
-        args.dataset_name,
-        args.train_data_dir,
-        args.dataset_split,
-        args.dataset_config_name,
-        args.image_column,
-        args.resolution,
-        channels,
-        accelerator,
-    )
+    reference = reference_from_args(extractor, args, channels, accelerator)
     result = sweep_ema(
         args.run_dir,
         args.stds,

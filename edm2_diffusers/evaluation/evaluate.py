@@ -309,3 +309,19 @@ def extractor_from_args(args):
     """The feature extractor that :func:`add_reference_args`' options name."""
     kwargs = {"weights_path": args.inception_weights} if args.feature_extractor == "inception" else {}
     return get_feature_extractor(args.feature_extractor, **kwargs)
+
+
+def reference_from_args(extractor, args, channels: int, accelerator=None) -> FeatureStats:
+    """:func:`resolve_reference` with the options of :func:`add_reference_args`."""
+    return resolve_reference(
+        extractor,
+        args.ref_stats,
+        args.dataset_name,
+        args.train_data_dir,
+        args.dataset_split,
+        args.dataset_config_name,
+        args.image_column,
+        args.resolution,
+        channels,
+        accelerator,
+    )
