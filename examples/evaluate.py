@@ -24,6 +24,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
+from edm2_diffusers.distributed import cpu_process_group
 from edm2_diffusers.evaluation import evaluate_pipeline
 from edm2_diffusers.evaluation.evaluate import add_reference_args, extractor_from_args, reference_from_args
 from edm2_diffusers.hub.loading import load_pipeline
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=cpu_process_group())
     extractor = extractor_from_args(args)
     pipe = load_pipeline(args.pipeline, args.subfolder)
     reference = reference_from_args(extractor, args, pipe.unet.config.in_channels, accelerator)
@@ -77,6 +78,7 @@ def main(argv=None) -> dict:
         "fid" if out.feature_extractor == "inception" else "fd": out.fd,
         "confident": out.confident,
         "num_images": out.num_images,
+        "num_processes": accelerator.num_processes,
         "num_inference_steps": args.num_inference_steps,
         "feature_extractor": out.feature_extractor,
         "pipeline": args.pipeline,

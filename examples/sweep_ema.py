@@ -23,6 +23,7 @@ import sys
 
 from accelerate import Accelerator
 
+from edm2_diffusers.distributed import cpu_process_group
 from edm2_diffusers.ema import list_snapshots
 from edm2_diffusers.evaluation.evaluate import add_reference_args, extractor_from_args, reference_from_args
 from edm2_diffusers.evaluation.sweep import parse_stds, sweep_ema
@@ -57,7 +58,7 @@ def main(argv=None):
     args = parse_args(argv)
     if not os.path.isdir(args.run_dir):
         raise FileNotFoundError(f"--run_dir {args.run_dir!r} is not a directory")
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=cpu_process_group())
     extractor = extractor_from_args(args)
     channels = list_snapshots(args.run_dir)[0].model_config.get("in_channels", 3)
     reference = reference_from_args(extractor, args, channels, accelerator)

@@ -193,7 +193,7 @@ def test_multiprocess_generation_covers_request(tiny_run, cache_dir, tmp_path):
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--cpu",
+        "--multi_gpu",
         "--num_processes",
         "2",
         "--num_machines",
@@ -214,7 +214,7 @@ def test_multiprocess_generation_covers_request(tiny_run, cache_dir, tmp_path):
             seeds += range(first, last + 1)
     assert sorted(seeds) == list(range(7, 29))
     multi = json.loads((tmp_path / "r.json").read_text())
-    assert multi["num_images"] == 22
+    assert multi["num_images"] == 22 and multi["num_processes"] == 2
 
     # One process, no cache: the same images, hence the same distance.
     single = load_script("evaluate").main(common)

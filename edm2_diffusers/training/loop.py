@@ -116,13 +116,12 @@ def _make_accelerator(train_cfg: dict):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    from ..distributed import cpu_process_group
+
     output_dir = train_cfg["output_dir"]
     report_to = train_cfg["report_to"]
-    # Several processes without CUDA only form a (gloo) group when Accelerate is told it runs on CPU.
-    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = multi_process and not torch.cuda.is_available()
     return Accelerator(
-        cpu=cpu,
+        cpu=cpu_process_group(),
         mixed_precision=train_cfg["mixed_precision"],
         log_with=None if report_to == "none" else report_to,
         project_config=ProjectConfiguration(
