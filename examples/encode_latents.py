@@ -20,14 +20,9 @@ import tempfile
 
 import torch
 
-from edm2_diffusers.training.data import load_train_dataset
-from edm2_diffusers.training.latents import (
-    STORAGE_DTYPES,
-    LatentStandardizer,
-    build_latent_dataset,
-    load_latent_dataset,
-    save_latent_dataset,
-)
+from edm2_diffusers.data import build_latent_dataset, load_latent_dataset, load_train_dataset, save_latent_dataset
+from edm2_diffusers.data.latents import STORAGE_DTYPES
+from edm2_diffusers.latents import LatentStandardizer, load_vae
 
 logger = logging.getLogger("encode_latents")
 
@@ -90,8 +85,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _check(args)
 
-    from diffusers import AutoencoderKL
-
     data_cfg = {
         "dataset_name": args.dataset_name,
         "dataset_config_name": args.dataset_config_name,
@@ -109,9 +102,8 @@ def main(argv=None) -> int:
         label_column = None
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae = AutoencoderKL.from_pretrained(
-        args.vae, subfolder=args.vae_subfolder, torch_dtype=getattr(torch, args.vae_dtype)
-    ).to(device)
+    vae = load_vae(args.vae, subfolder=args.vae_subfolder, what="--vae", torch_dtype=getattr(torch, args.vae_dtype))
+    vae = vae.to(device)
     standardizer = None
     if args.latent_mean is not None:
         standardizer = LatentStandardizer(tuple(args.latent_mean), tuple(args.latent_std), args.final_std)

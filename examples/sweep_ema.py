@@ -24,9 +24,9 @@ import sys
 from accelerate import Accelerator
 
 from edm2_diffusers.distributed import cpu_process_group
-from edm2_diffusers.ema import list_snapshots
+from edm2_diffusers.ema import list_snapshots, parse_stds
 from edm2_diffusers.evaluation.evaluate import add_reference_args, extractor_from_args, reference_from_args
-from edm2_diffusers.evaluation.sweep import parse_stds, sweep_ema
+from edm2_diffusers.evaluation.sweep import sweep_ema
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_reference_args(parser)
     args = parser.parse_args(argv)
     try:
-        args.stds = parse_stds(args.stds)
+        args.stds = parse_stds(args.stds, sort=True)
     except ValueError as e:
         parser.error(str(e))
     if args.num_images < 2:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from edm2_diffusers import EDM2Pipeline, EDMHeunScheduler
+from edm2_diffusers.data import load_digits_dataset
 from edm2_diffusers.edm import denoise
-from edm2_diffusers.training import load_config, load_digits_dataset, merge_config, train
+from edm2_diffusers.training import load_config, merge_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(

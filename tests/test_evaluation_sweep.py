@@ -14,8 +14,10 @@ import pytest
 from PIL import Image
 
 from edm2_diffusers import EDM2Pipeline, EDMHeunScheduler
+from edm2_diffusers.ema import parse_stds
 from edm2_diffusers.evaluation import digits_reference_stats, evaluate_pipeline
-from edm2_diffusers.evaluation.sweep import parse_stds, plot_sweep, run_scheduler, sweep_ema
+from edm2_diffusers.evaluation.sweep import plot_sweep, sweep_ema
+from edm2_diffusers.runs import read_sweep, run_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,12 +61,12 @@ def load_script(name):
 
 
 def test_parse_stds():
-    assert parse_stds("0.05:0.15:0.05") == [0.05, 0.1, 0.15]
-    assert len(parse_stds("0.02:0.20:0.01")) == 19
-    assert parse_stds("0.10,0.05,0.10") == [0.05, 0.1]
+    assert parse_stds("0.05:0.15:0.05", sort=True) == [0.05, 0.1, 0.15]
+    assert len(parse_stds("0.02:0.20:0.01", sort=True)) == 19
+    assert parse_stds("0.10,0.05,0.10", sort=True) == [0.05, 0.1]
     for bad in ("0.05:0.15", "a,b", "0.1:0.05:0.01", "0.05:0.1:0", "0.3", ""):
         with pytest.raises(ValueError):
-            parse_stds(bad)
+            parse_stds(bad, sort=True)
 
 
 def test_sweep_writes_csv_plot_and_best(tiny_run, cache_dir, tmp_path):
@@ -96,7 +98,6 @@ def test_sweep_writes_csv_plot_and_best(tiny_run, cache_dir, tmp_path):
     assert best["value"] == pytest.approx(min(values)) and best["metric"] == "fd"
 
     # The export reads the winner from this file (export_pipeline.py --stds best --sweep_dir OUT).
-    from edm2_diffusers.hub.export import read_sweep
 
     assert read_sweep(tiny_run, out)["std"] == best["std"]
 

@@ -401,8 +401,9 @@ def test_sample_grid_shape(export_dir):
     from PIL import Image
 
     with Image.open(export_dir / "samples.png") as img:
-        # 2 x 3 tiles of 8 x 8 pixels, upscaled 8x to 64-pixel tiles, grayscale for a 1-channel model.
-        assert img.size == (3 * 64, 2 * 64) and img.mode == "L"
+        # 2 x 3 tiles of 8 x 8 pixels, upscaled 8x to 64-pixel tiles with 2-pixel gaps (the training grids'
+        # renderer), grayscale for a 1-channel model.
+        assert img.size == (3 * (64 + 2) + 2, 2 * (64 + 2) + 2) and img.mode == "L"
 
 
 class ToyFeatures(torch.nn.Module):

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_vae
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from edm2_diffusers import EDM2Pipeline, EDM2UNet2DModel, EDMHeunScheduler
-from edm2_diffusers.pipelines.pipeline_edm2 import SD_VAE_LATENT_MEAN, SD_VAE_LATENT_STD, encode_latents
-from edm2_diffusers.training.latents import (
-    LatentStandardizer,
+from edm2_diffusers.data import (
     build_latent_dataset,
     center_crop,
     encode_images,
@@ -24,6 +23,7 @@ from edm2_diffusers.training.latents import (
     read_latent_info,
     save_latent_dataset,
 )
+from edm2_diffusers.latents import SD_VAE_LATENT_MEAN, SD_VAE_LATENT_STD, LatentStandardizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(20, 30), (40, 16), (16, 16), (50, 50), (33, 17)]  # (height, width)
@@ -128,15 +128,38 @@ def test_measured_statistics_standardize_to_the_final_std():
     torch.testing.assert_close(x.std(dim=(0, 2, 3)), torch.full((4,), 0.5), atol=0.01, rtol=0)
 
 
+def test_sampled_training_latents_standardize_the_posterior():
+    vae = tiny_vae()
+    images = torch.rand(2, 3, 16, 16)
+    standardizer = LatentStandardizer()
+    with torch.no_grad():
+        raw_mean = vae.encode(images).latent_dist.mean
+        moments = encode_images(vae, images)
+    z = standardizer.sample(moments, sample=False)
+    z1 = standardizer.sample(moments, generator=gen(0))
+    z2 = standardizer.sample(moments, generator=gen(0))
+    expected = (raw_mean - torch.tensor(SD_VAE_LATENT_MEAN).view(1, 4, 1, 1)) * (
+        0.5 / torch.tensor(SD_VAE_LATENT_STD).view(1, 4, 1, 1)
+    )
+    torch.testing.assert_close(z, expected)
+    assert z.shape == (2, 4, 8, 8)
+    assert torch.equal(z1, z2) and not torch.equal(z1, z)
+    with pytest.raises(ValueError, match="images"):
+        encode_images(vae, torch.rand(3, 16, 16))
+
+
 def test_training_latents_and_pipeline_decoding_share_one_standardization():
     vae = tiny_vae()
     images = images_to_tensor(random_images(), 16)
     moments = encode_images(vae, images)
     std = LatentStandardizer(latent_mean=(0.5, -1.0, 2.0, 0.0), latent_std=(2.0, 4.0, 1.0, 3.0))
 
-    # Drawing a training latent from stored moments = the pipeline's encode_latents with the same noise.
+    # Drawing a training latent from stored moments = z = mean + std·ε of the VAE posterior, standardized.
     with torch.no_grad():
-        expected = encode_latents(vae, images, std.latent_mean, std.latent_std, generator=gen(3))
+        dist = vae.encode(images).latent_dist
+        raw = dist.mean + dist.std * randn_tensor(dist.mean.shape, generator=gen(3))
+    mean, scale = torch.tensor(std.latent_mean).view(1, 4, 1, 1), torch.tensor(std.latent_std).view(1, 4, 1, 1)
+    expected = (raw - mean) * (0.5 / scale)
     torch.testing.assert_close(std.sample(moments, generator=gen(3)), expected)
     x = std.sample(moments, sample=False)
     torch.testing.assert_close(std.unstandardize(x), moments[:, :4], rtol=1e-5, atol=1e-5)

@@ -11,13 +11,7 @@ from PIL import Image
 
 from edm2_diffusers import EDM2Pipeline, EDM2UNet2DModel, EDMHeunScheduler
 from edm2_diffusers.edm import denoise, karras_sigmas
-from edm2_diffusers.pipelines import (
-    SD_VAE_LATENT_MEAN,
-    SD_VAE_LATENT_STD,
-    encode_latents,
-    standardize_latents,
-    unstandardize_latents,
-)
+from edm2_diffusers.latents import SD_VAE_LATENT_MEAN, SD_VAE_LATENT_STD, standardize_latents, unstandardize_latents
 
 SCHEDULERS = [EDMHeunScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler]
 
@@ -311,22 +305,7 @@ def test_latent_decoding_undoes_the_standardization_without_the_vae_scaling_fact
         make_pipe(unet=tiny_unet(in_channels=4, out_channels=4), vae=vae, latent_mean=[0.0])
 
 
-def test_encode_latents_standardizes_the_posterior():
-    vae = tiny_vae()
-    images = torch.rand(2, 3, 16, 16)
-    with torch.no_grad():
-        raw_mean = vae.encode(images).latent_dist.mean
-        z = encode_latents(vae, images, sample=False)
-        z1 = encode_latents(vae, images, generator=gen(0))
-        z2 = encode_latents(vae, images, generator=gen(0))
-    expected = (raw_mean - torch.tensor(SD_VAE_LATENT_MEAN).view(1, 4, 1, 1)) * (
-        0.5 / torch.tensor(SD_VAE_LATENT_STD).view(1, 4, 1, 1)
-    )
-    torch.testing.assert_close(z, expected)
-    assert z.shape == (2, 4, 8, 8)
-    assert torch.equal(z1, z2) and not torch.equal(z1, z)
-    with pytest.raises(ValueError, match="images"):
-        encode_latents(vae, torch.rand(3, 16, 16))
+def test_pipeline_default_latent_final_std():
     assert math.isclose(pipe_default_final_std(), 0.5)
 
 

@@ -5,8 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from edm2_diffusers.training import check_dataset, image_to_array, load_digits_dataset, load_train_dataset, random_flip
-from edm2_diffusers.training.data import build_image_dataset
+from edm2_diffusers.data import (
+    build_image_dataset,
+    check_dataset,
+    image_to_array,
+    load_digits_dataset,
+    load_train_dataset,
+    random_flip,
+)
 
 MODEL = dict(sample_size=8, in_channels=3, architecture="G")
 

@@ -18,15 +18,10 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
+from edm2_diffusers.data import build_latent_dataset, load_latent_dataset, read_latent_info, save_latent_dataset
 from edm2_diffusers.hub import check_export, load_pipeline
+from edm2_diffusers.latents import LatentStandardizer
 from edm2_diffusers.training import load_config, merge_config, train
-from edm2_diffusers.training.latents import (
-    LatentStandardizer,
-    build_latent_dataset,
-    load_latent_dataset,
-    read_latent_info,
-    save_latent_dataset,
-)
 
 TINY = dict(
     sample_size=8, in_channels=4, out_channels=4, architecture="G", model_channels=16, channel_mult=[1, 2],

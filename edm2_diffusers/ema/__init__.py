@@ -10,6 +10,7 @@ from .power import (
 )
 from .reconstruct import PostHocEMAReconstruction, reconstruct
 from .snapshots import SnapshotInfo, config_fingerprint, list_snapshots, load_snapshot, snapshot_filename
+from .stds import parse_stds
 from .trackers import PowerFunctionEMA, TraditionalEMA, build_ema
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "exp_to_std",
     "list_snapshots",
     "load_snapshot",
+    "parse_stds",
     "power_function_beta",
     "profile_inner_product",
     "reconstruct",

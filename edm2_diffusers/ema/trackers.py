@@ -6,8 +6,7 @@ The trainer calls, in this order::
     accelerator.register_for_checkpointing(ema)           # state_dict()/load_state_dict(): resume is exact
     ...after every optimizer step...
     ema.update(cur_nimg=images_seen_including_this_batch, batch_size=global_batch_size)
-    if ema.snapshot_every_steps and step % ema.snapshot_every_steps == 0 and accelerator.is_main_process:
-        ema.save_snapshots(output_dir, step=step, nimg=images_seen)
+    ema.after_step(output_dir, step=step, nimg=images_seen, final=step == last)  # main process: snapshots
     for label, net in ema.averaged_models(): ...           # sampling / evaluation
 
 The averaged copies are float32 modules on the tracked model's device, kept outside the model (never registered as
@@ -113,6 +112,10 @@ class _EMATracker:
 
     def averaged_models(self) -> list[tuple[str, torch.nn.Module]]:
         raise NotImplementedError
+
+    def after_step(self, output_dir: str, step: int, nimg: int, final: bool = False) -> list[str]:
+        """What the tracker writes after optimizer step ``step`` (``final``: the run's last); the files written."""
+        return []
 
     def _load_copies(self, states: list[dict]) -> None:
         copies = self._copies()
@@ -281,6 +284,14 @@ class PowerFunctionEMA(_EMATracker):
             }
             paths.append(write_snapshot(os.path.join(directory, snapshot_filename(step, std)), tensors, metadata))
         return paths
+
+    def after_step(self, output_dir: str, step: int, nimg: int, final: bool = False) -> list[str]:
+        """Snapshots every ``snapshot_every_steps`` and always at the run's last step, so that a run can be exported
+        and reconstructed where it ends (also with ``snapshot_every_steps`` 0)."""
+        every = self.snapshot_every_steps
+        if (every and step % every == 0) or final:
+            return self.save_snapshots(output_dir, step=step, nimg=nimg)
+        return []
 
     def _check_existing(self, directory: str, fingerprint: str) -> None:
         """Refuse to add snapshots to a folder holding snapshots of a different model config (checked once)."""

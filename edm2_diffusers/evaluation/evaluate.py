@@ -69,7 +69,7 @@ def dataset_image_batches(
         batch_size (`int`): images per yielded batch.
         max_images (`int`, *optional*): stop after this many images.
     """
-    from ..training.data import EDM2ImageDataset, load_train_dataset
+    from ..data import EDM2ImageDataset, load_train_dataset
 
     if dataset_name in ("digits", "sklearn_digits"):
         cfg = {"source": "sklearn_digits"}

@@ -228,7 +228,7 @@ def probe_dataset(
         images, labels = load_digits_split(split)
         images = images * 2 - 1
     else:
-        from ..training.data import EDM2ImageDataset, load_train_dataset
+        from ..data import EDM2ImageDataset, load_train_dataset
 
         ds = load_train_dataset(
             {

@@ -14,6 +14,7 @@ memory only; the sweep writes ``sweep.csv`` (one row per std), ``sweep.png`` (th
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -21,65 +22,19 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ..ema import parse_stds, reconstruct
+from ..files import atomic_path, write_text_atomic
+from ..pipelines import EDM2Pipeline
+from ..runs import SWEEP_BEST_NAME, run_scheduler
+from .evaluate import evaluate_pipeline, extractor_name
+from .fid import get_feature_extractor
 
 logger = logging.getLogger(__name__)
 
 CSV_NAME = "sweep.csv"
 PLOT_NAME = "sweep.png"
-BEST_NAME = "best.json"
-
-
-def parse_stds(spec: str) -> list[float]:
-    """``"0.02:0.20:0.01"`` (start:stop:step, stop included) or ``"0.05,0.10,0.15"`` → sorted unique stds.
-
-    Raises:
-        ValueError: for malformed specs, non-positive steps, or an empty result.
-    """
-    spec = str(spec).strip()
-    try:
-        if ":" in spec:
-            parts = [float(p) for p in spec.split(":")]
-            if len(parts) != 3:
-                raise ValueError
-            start, stop, step = parts
-            if not step > 0:
-                raise ValueError(f"the step of --stds {spec!r} must be positive")
-            if stop < start:
-                raise ValueError(f"--stds {spec!r} runs backwards (stop < start)")
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
-            stds = [round(start + i * step, 10) for i in range(n)]
-        else:
-            stds = [float(p) for p in spec.split(",") if p.strip()]
-    except ValueError as err:
-        if str(err):
-            raise
-        raise ValueError(f"--stds must be start:stop:step or a comma-separated list of floats, got {spec!r}") from None
-    if not stds:
-        raise ValueError(f"--stds {spec!r} names no EMA length")
-    bad = [s for s in stds if not 0 < s < 0.2887]
-    if bad:
-        raise ValueError(f"EMA stds must lie in (0, 0.2887) (the power-function EMA's range), got {bad}")
-    return sorted(dict.fromkeys(stds))
-
-
-def run_scheduler(run_dir: str):
-    """The EDM Heun scheduler of a run: σ range and ρ from ``run_dir/config.yaml`` (``sampling``), σ_data from
-    ``training``; the scheduler's defaults where the file or a key is missing."""
-    import yaml
-
-    from ..schedulers import EDMHeunScheduler
-
-    kwargs = {}
-    path = os.path.join(run_dir, "config.yaml")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            cfg = yaml.safe_load(f) or {}
-        sampling = cfg.get("sampling") or {}
-        kwargs = {k: sampling[k] for k in ("sigma_min", "sigma_max", "rho") if sampling.get(k) is not None}
-        sigma_data = (cfg.get("training") or {}).get("sigma_data")
-        if sigma_data is not None:
-            kwargs["sigma_data"] = sigma_data
-    return EDMHeunScheduler(**kwargs)
 
 
 @dataclass
@@ -143,20 +98,14 @@ def sweep_ema(
         chunk_size (`int`): stds reconstructed at once (bounds memory: one model copy per std in a chunk).
         progress (`bool`): show progress bars.
     """
-    from ..ema import reconstruct
-    from ..pipelines import EDM2Pipeline
-    from .evaluate import evaluate_pipeline, extractor_name
-    from .fid import get_feature_extractor
-
-    stds = parse_stds(stds) if isinstance(stds, str) else sorted(dict.fromkeys(float(s) for s in stds))
+    stds = parse_stds(stds, sort=True)
     if not stds:
         raise ValueError("the sweep needs at least one std")
     is_main = accelerator is None or accelerator.is_main_process
     paths = {}
     if output_dir is not None:
-        paths = {
-            k: os.path.join(output_dir, n) for k, n in (("csv", CSV_NAME), ("png", PLOT_NAME), ("best", BEST_NAME))
-        }
+        names = {"csv": CSV_NAME, "png": PLOT_NAME, "best": SWEEP_BEST_NAME}
+        paths = {k: os.path.join(output_dir, n) for k, n in names.items()}
         existing = [p for p in paths.values() if os.path.exists(p)]
         if existing and not overwrite:
             raise FileExistsError(
@@ -225,28 +174,18 @@ def sweep_ema(
                 "feature_extractor": name,
             },
         }
-        _atomic_write(paths["best"], json.dumps(best_info, indent=2) + "\n")
+        write_text_atomic(paths["best"], json.dumps(best_info, indent=2) + "\n")
         result.files = paths
     return result
 
 
-def _atomic_write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _write_csv(path: str, rows: list[dict]) -> None:
-    import io
-
     fields = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -278,7 +217,6 @@ def plot_sweep(
         step (`int`, *optional*): training step, shown in the title.
         size (`tuple[int, int]`): image size in pixels.
     """
-    from PIL import Image, ImageDraw, ImageFont
 
     def font(px):
         try:
@@ -351,11 +289,9 @@ def plot_sweep(
     )
     ylab = ylab.rotate(90, expand=True)
     img.paste(ylab, (8, top), ylab)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
     return path
 
 
-__all__ = ["SweepResult", "parse_stds", "plot_sweep", "run_scheduler", "sweep_ema"]
+__all__ = ["SweepResult", "plot_sweep", "sweep_ema"]

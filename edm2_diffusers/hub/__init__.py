@@ -1,22 +1,14 @@
 """Export post-hoc EMA variants as diffusers pipelines, write their model cards, push them to the Hub, load them."""
 
-from .export import (
-    ExportResult,
-    check_export,
-    default_stds,
-    export_model,
-    export_pipelines,
-    export_run,
-    parse_stds,
-    read_sweep,
-    variant_folder,
-)
+from .checks import check_export
+from .export import ExportResult, default_stds, export_model, export_pipelines, export_run, variant_folder
 from .loading import load_pipeline
-from .model_card import build_model_card, read_export_info, template_text
+from .model_card import EXPORT_INFO_NAME, build_model_card, read_export_info, template_text
 from .push import push_to_hub, resolve_repo_id
 from .remote_code import BundleError, bundle_module, write_custom_code
 
 __all__ = [
+    "EXPORT_INFO_NAME",
     "BundleError",
     "ExportResult",
     "build_model_card",
@@ -27,10 +19,8 @@ __all__ = [
     "export_pipelines",
     "export_run",
     "load_pipeline",
-    "parse_stds",
     "push_to_hub",
     "read_export_info",
-    "read_sweep",
     "resolve_repo_id",
     "template_text",
     "variant_folder",

@@ -18,22 +18,29 @@ fetched with ``snapshot_download(repo, allow_patterns=["ema-0.100/*"])`` first; 
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import math
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import diffusers
 import torch
-import yaml
-from PIL import Image
 
-from .model_card import EXPORT_INFO_NAME, write_model_card
+from .. import __version__
+from ..ema import list_snapshots, parse_stds, reconstruct
+from ..ema.snapshots import model_class_path, model_config_of
+from ..files import commit_folder, staging_path
+from ..grids import render_sample_grid
+from ..latents import load_vae
+from ..pipelines import EDM2Pipeline
+from ..runs import read_run_config, read_run_latent_info, read_sweep, sampling_settings, sweep_best_path
+from ..schedulers import EDMHeunScheduler
+from .checks import check_export, check_output_dir
+from .model_card import write_model_card
+from .push import push_to_hub as push
+from .push import resolve_repo_id
 from .remote_code import write_custom_code
 
 logger = logging.getLogger(__name__)
@@ -41,12 +48,6 @@ logger = logging.getLogger(__name__)
 VARIANT_PREFIX = "ema-"
 SAMPLE_GRID_NAME = "samples.png"
 DEFAULT_LICENSE = "apache-2.0"
-RUN_CONFIG_NAMES = ("config.yaml", "config.yml", "train_config.yaml", "training_config.yaml")
-SWEEP_BEST_NAME = "best.json"
-
-# What may be in an export. Anything else is refused, in particular pickle-based weights.
-ALLOWED_SUFFIXES = (".json", ".safetensors", ".py", ".md", ".png")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
 
 EXPORT_FORMAT = "edm2-diffusers/pipeline-export"
 
@@ -75,55 +76,6 @@ class ExportResult:
 # Reading a run.
 
 
-def find_run_config(run_dir: str | os.PathLike) -> tuple[Path | None, dict]:
-    """The training config a run stored next to its outputs (``config.yaml``), parsed; ``(None, {})`` if none.
-
-    Args:
-        run_dir (`str` or `os.PathLike`): the training run's output folder.
-    """
-    run_dir = Path(run_dir)
-    candidates = [run_dir / n for n in RUN_CONFIG_NAMES if (run_dir / n).is_file()]
-    if not candidates:
-        candidates = sorted(p for p in run_dir.glob("*.y*ml") if p.is_file())
-    for path in candidates:
-        try:
-            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ValueError(f"run config {path} is not valid YAML: {err}") from None
-        if isinstance(cfg, dict) and ("model" in cfg or "sampling" in cfg):
-            return path, cfg
-    return None, {}
-
-
-def sampling_settings(config: dict, num_inference_steps: int | None = None) -> dict:
-    """The sampler settings an export carries: the run config's ``sampling`` section over the defaults.
-
-    Args:
-        config (`dict`): the run's training config (may be empty).
-        num_inference_steps (`int`, *optional*): overrides the config's step count.
-    """
-    from ..pipelines.pipeline_edm2 import EDM2Pipeline
-    from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
-
-    defaults = EDMHeunScheduler().config
-    sampling = config.get("sampling") or {}
-    training = config.get("training") or {}
-    steps = num_inference_steps or sampling.get("num_inference_steps")
-    if steps is None:
-        steps = inspect.signature(EDM2Pipeline.__call__).parameters["num_inference_steps"].default
-    out = dict(
-        num_inference_steps=int(steps),
-        sigma_min=float(sampling.get("sigma_min") or defaults.sigma_min),
-        sigma_max=float(sampling.get("sigma_max") or defaults.sigma_max),
-        rho=float(sampling.get("rho") or defaults.rho),
-        sigma_data=float(training.get("sigma_data") or defaults.sigma_data),
-        s_churn=float(sampling.get("s_churn") or defaults.s_churn),
-    )
-    if out["num_inference_steps"] < 1:
-        raise ValueError(f"num_inference_steps must be at least 1, got {out['num_inference_steps']}")
-    return out
-
-
 def dataset_description(config: dict, dataset: str | None = None) -> dict:
     """``{"name": Hub dataset id or None, "text": prose}`` for the card, from the run config's ``data`` section.
 
@@ -145,237 +97,12 @@ def dataset_description(config: dict, dataset: str | None = None) -> dict:
     return {"name": None, "text": "an unspecified dataset"}
 
 
-def _sweep_file(run_dir: Path, sweep_dir: str | os.PathLike | None) -> Path:
-    if sweep_dir is not None:
-        path = Path(sweep_dir)
-        return path if path.is_file() else path / SWEEP_BEST_NAME
-    return run_dir / "sweep" / SWEEP_BEST_NAME
-
-
-def _as_float(value, what: str, path: Path) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{path}: {what} must be a number, got {value!r}") from None
-
-
-def read_sweep(run_dir: str | os.PathLike, sweep_dir: str | os.PathLike | None = None, required: bool = True) -> dict:
-    """Read the EMA sweep's ``best.json`` (written by :func:`edm2_diffusers.evaluation.sweep.sweep_ema`).
-
-    Format: ``{"std": 0.1, "metric": "fid", "value": 3.2, "step": 4000, "results": [{"std": 0.05, "fid": 3.9,
-    "confident": 0.93}, ...], "settings": {...}}``. Every numeric key of a ``results`` row other than ``std`` is a
-    metric of that std; ``metric``/``value`` give the best std's.
-
-    Args:
-        run_dir (`str` or `os.PathLike`): the run folder; the default location is ``run_dir/sweep/best.json``.
-        sweep_dir (`str` or `os.PathLike`, *optional*): the sweep's folder (or its ``best.json``).
-        required (`bool`): raise if the file is missing (else return ``{}``).
-
-    Returns:
-        `dict`: ``{"std": float, "metric": str | None, "step": int | None, "metrics": {std: {name: value}},
-        "settings": dict, "path": str}``.
-    """
-    path = _sweep_file(Path(run_dir), sweep_dir)
-    if not path.is_file():
-        if required:
-            raise FileNotFoundError(
-                f"stds='best' needs the EMA sweep's result {path}; run the sweep first (examples/sweep_ema.py), "
-                "point --sweep_dir at its folder, or pass the stds explicitly"
-            )
-        return {}
-    try:
-        best = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(best, dict) or best.get("std") is None:
-        raise ValueError(f"{path} names no best EMA std (expected a JSON object with a key 'std')")
-    std = _as_float(best["std"], "the best std", path)
-    metrics: dict[float, dict] = {}
-    for row in best.get("results") or []:
-        if not isinstance(row, dict) or "std" not in row:
-            continue
-        values = {
-            k: float(v)
-            for k, v in row.items()
-            if k != "std" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        }
-        if values:
-            metrics.setdefault(_as_float(row["std"], "std", path), {}).update(values)
-    metric, value = best.get("metric"), best.get("value")
-    if isinstance(metric, str) and isinstance(value, (int, float)) and math.isfinite(value):
-        metrics.setdefault(std, {})[metric] = float(value)
-    step = best.get("step")
-    return {
-        "std": std,
-        "metric": metric if isinstance(metric, str) else None,
-        "step": int(step) if isinstance(step, (int, float)) else None,
-        "metrics": metrics,
-        "settings": best.get("settings") if isinstance(best.get("settings"), dict) else {},
-        "path": str(path),
-    }
-
-
-def parse_stds(stds) -> list:
-    """Normalize ``stds``: a float, a comma-separated string (``"0.05,0.10"``), ``"best"``, or a list of those.
-
-    Returns:
-        `list`: floats and at most one ``"best"``, in order, without duplicates.
-    """
-    if stds is None:
-        raise ValueError("give the EMA stds to export, e.g. [0.05, 0.10] or 'best'")
-    items = stds.split(",") if isinstance(stds, str) else list(stds) if isinstance(stds, (list, tuple)) else [stds]
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            item = item.strip()
-            if not item:
-                continue
-            if item.lower() == "best":
-                item = "best"
-            else:
-                try:
-                    item = float(item)
-                except ValueError:
-                    raise ValueError(f"EMA std {item!r} is not a number (or 'best')") from None
-        elif isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise ValueError(f"EMA std {item!r} is not a number (or 'best')")
-        else:
-            item = float(item)
-        if isinstance(item, float) and not (math.isfinite(item) and item > 0):
-            raise ValueError(f"EMA std {item!r} must be a positive number")
-        if item not in out:
-            out.append(item)
-    if not out:
-        raise ValueError(f"no EMA stds in {stds!r}")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checks.
-
-
-def check_export(export_dir: str | os.PathLike) -> list[Path]:
-    """Check that an export holds only safetensors weights (no pickle-based files) and complete pipelines.
-
-    Args:
-        export_dir (`str` or `os.PathLike`): the export's root folder.
-
-    Returns:
-        `list[Path]`: the pipeline folders (those with a ``model_index.json``), root first.
-
-    Raises:
-        `ValueError`: naming the first offending file.
-    """
-    export_dir = Path(export_dir)
-    if not (export_dir / "model_index.json").is_file():
-        raise ValueError(f"{export_dir} is not a pipeline export: model_index.json is missing")
-    for path in sorted(export_dir.rglob("*")):
-        if path.is_symlink():
-            raise ValueError(f"{path}: an export must not contain symbolic links")
-        if path.is_dir():
-            continue
-        suffix = path.suffix.lower()
-        if suffix in PICKLE_SUFFIXES:
-            raise ValueError(f"{path}: exports hold safetensors weights only, never pickle-based files ({suffix})")
-        if suffix not in ALLOWED_SUFFIXES:
-            raise ValueError(f"{path}: unexpected file in an export (allowed: {', '.join(ALLOWED_SUFFIXES)})")
-    pipelines = sorted((p.parent for p in export_dir.rglob("model_index.json")), key=lambda p: (p != export_dir, p))
-    for folder in pipelines:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-        for name, entry in index.items():
-            # Components are [library, class] pairs; other lists (e.g. latent_mean) are pipeline settings.
-            is_component = isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
-            if name.startswith("_") or not is_component:
-                continue
-            component = folder / name
-            if not component.is_dir():
-                raise ValueError(f"{folder}: component folder {name}/ named in model_index.json is missing")
-            if (component / "config.json").is_file() and not list(component.glob("*.safetensors")):
-                raise ValueError(f"{component}: model component without safetensors weights")
-    return pipelines
-
-
-def _check_output_dir(output_dir: Path, run_dir: Path, overwrite: bool) -> None:
-    out, run = output_dir.resolve(), run_dir.resolve()
-    if out == run or out in run.parents:
-        raise ValueError(f"output_dir {output_dir} would contain the run folder {run_dir}; choose another folder")
-    if not output_dir.exists():
-        return
-    if not output_dir.is_dir():
-        raise FileExistsError(f"output_dir {output_dir} exists and is not a folder")
-    if not any(output_dir.iterdir()):
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"output folder {output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace an "
-            "earlier export there, or choose another folder. Nothing was written."
-        )
-    if not ((output_dir / EXPORT_INFO_NAME).is_file() or (output_dir / "model_index.json").is_file()):
-        raise ValueError(
-            f"refusing to overwrite {output_dir}: it is not a pipeline export (no {EXPORT_INFO_NAME} or "
-            "model_index.json), so replacing it could destroy unrelated files. Choose another folder."
-        )
-
-
-def _commit_staging(staging: Path, output_dir: Path) -> None:
-    """Move a finished export into place; an earlier export there is replaced only after the new one is complete."""
-    if output_dir.exists() and any(output_dir.iterdir()):
-        old = output_dir.with_name(f".{output_dir.name}.replaced-{uuid.uuid4().hex[:8]}")
-        os.replace(output_dir, old)
-        try:
-            os.replace(staging, output_dir)
-        except OSError:
-            os.replace(old, output_dir)  # put the earlier export back
-            raise
-        shutil.rmtree(old)
-    else:
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(staging, output_dir)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sample grid.
-
-
-def render_sample_grid(pipe, rows: int, cols: int, num_inference_steps: int, seed: int = 0) -> Image.Image:
-    """A ``rows × cols`` grid of samples (one class per row for class-conditional models), upscaled to ≥64 px tiles.
-
-    Args:
-        pipe (`EDM2Pipeline`): the pipeline to sample.
-        rows (`int`), cols (`int`): grid shape.
-        num_inference_steps (`int`): sampler steps.
-        seed (`int`): seed of the noise (and of nothing else).
-    """
-    num_classes = pipe.unet.config.num_class_embeds
-    labels = None
-    if num_classes:
-        labels = torch.arange(rows).repeat_interleave(cols) % num_classes
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(
-        batch_size=rows * cols,
-        num_inference_steps=num_inference_steps,
-        generator=generator,
-        class_labels=labels,
-        output_type="np",
-    ).images
-    images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)  # (N, H, W, C)
-    n, h, w, c = images.shape
-    grid = images.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    scale = max(1, math.ceil(64 / max(h, w)))
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    return image
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Export.
 
 
 def _resolve_stds(stds, run_dir: Path, sweep_dir) -> tuple[list[float], dict]:
-    items = parse_stds(stds)
+    items = parse_stds(stds, allow_best=True)
     sweep = {}
     if "best" in items:
         sweep = read_sweep(run_dir, sweep_dir, required=True)
@@ -490,14 +217,12 @@ def export_pipelines(
     Returns:
         `ExportResult`.
     """
-    from ..ema import reconstruct
-
     run_dir, output_dir = Path(run_dir), Path(output_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    _check_output_dir(output_dir, run_dir, overwrite)
+    check_output_dir(output_dir, run_dir, overwrite)
     std_list, sweep = _resolve_stds(stds, run_dir, sweep_dir)
-    config_path, config = find_run_config(run_dir)
+    config_path, config = read_run_config(run_dir)
     sampling_settings(config, num_inference_steps)  # a bad step count fails before the reconstruction
 
     try:
@@ -595,10 +320,8 @@ def export_model(
     run_dir, output_dir = Path(run_dir), Path(output_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    _check_output_dir(output_dir, run_dir, overwrite)
-    config_path, config = find_run_config(run_dir)
-    from ..ema.snapshots import model_class_path, model_config_of
-
+    check_output_dir(output_dir, run_dir, overwrite)
+    config_path, config = read_run_config(run_dir)
     variants = [{"std": None, "folder": ".", "metrics": dict(metrics or {}), "build": lambda: unet}]
     return _write_export(
         run_dir,
@@ -641,18 +364,7 @@ def _resolve_vae(vae, config: dict, latent: dict | None):
         vae, subfolder = sampling["vae"], sampling.get("vae_subfolder")
     else:
         subfolder = None
-    if isinstance(vae, (str, os.PathLike)):
-        from diffusers import AutoencoderKL
-
-        try:
-            vae = AutoencoderKL.from_pretrained(os.fspath(vae), subfolder=subfolder)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot load the VAE {os.fspath(vae)!r} (sampling.vae): {err}") from None
-    if vae.config.latent_channels != len(latent["latent_mean"]):
-        raise ValueError(
-            f"the VAE has {vae.config.latent_channels} latent channels, the run's latents {len(latent['latent_mean'])}"
-        )
-    return vae.eval()
+    return load_vae(vae, len(latent["latent_mean"]), subfolder, what="the VAE (sampling.vae)")
 
 
 def _write_export(
@@ -682,11 +394,6 @@ def _write_export(
 ) -> ExportResult:
     """Save ``variants`` (dicts with ``std``, ``folder``, ``metrics`` and ``build``, a function returning the U-Net)
     as pipelines in a staging folder, add the card, check, and move the export into place."""
-    from .. import __version__
-    from ..pipelines.pipeline_edm2 import EDM2Pipeline
-    from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
-    from ..training.latents import read_run_latent_info
-
     sampling = sampling_settings(config, num_inference_steps)
     latent = read_run_latent_info(run_dir)
     vae = _resolve_vae(vae, config, latent)
@@ -700,18 +407,12 @@ def _write_export(
             sample_grid = False
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.with_name(f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging = staging_path(output_dir)
     staging.mkdir()
     try:
         root_pipe = None
         for i, variant in enumerate(variants):
-            scheduler = EDMHeunScheduler(
-                sigma_min=sampling["sigma_min"],
-                sigma_max=sampling["sigma_max"],
-                rho=sampling["rho"],
-                sigma_data=sampling["sigma_data"],
-                s_churn=sampling["s_churn"],
-            )
+            scheduler = EDMHeunScheduler(**{k: v for k, v in sampling.items() if k != "num_inference_steps"})
             pipe = EDM2Pipeline(unet=variant["build"](), scheduler=scheduler, vae=vae, **latent_kwargs)
             target = staging if i == 0 else staging / variant["folder"]
             pipe.save_pretrained(target, safe_serialization=True)
@@ -732,8 +433,6 @@ def _write_export(
             image = render_sample_grid(root_pipe, int(rows), int(cols), sampling["num_inference_steps"], grid_seed)
             image.save(staging / SAMPLE_GRID_NAME)
             grid_file = SAMPLE_GRID_NAME
-
-        import diffusers
 
         # The default export of a run (run_dir/pipeline, as training writes it) is named after the run.
         is_default = output_dir.resolve() == (run_dir / "pipeline").resolve()
@@ -782,7 +481,7 @@ def _write_export(
             }
         write_model_card(staging, info, info["repo_id"])
         check_export(staging)
-        _commit_staging(staging, output_dir)
+        commit_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -803,14 +502,12 @@ def default_stds(run_dir: str | os.PathLike, sweep_dir: str | os.PathLike | None
         sweep_dir (`str` or `os.PathLike`, *optional*): the sweep's folder.
     """
     run_dir = Path(run_dir)
-    if _sweep_file(run_dir, sweep_dir).is_file():
+    if sweep_best_path(run_dir, sweep_dir).is_file():
         return ["best"]
-    _, config = find_run_config(run_dir)
+    _, config = read_run_config(run_dir)
     stds = (config.get("ema") or {}).get("stds")
     if stds:
         return parse_stds(stds)
-    from ..ema.snapshots import list_snapshots
-
     try:
         return sorted({s.std for s in list_snapshots(str(run_dir))})
     except FileNotFoundError as err:
@@ -839,9 +536,6 @@ def export_run(
         token (`str`, *optional*): Hub token (default: ``HF_TOKEN`` or the cached login).
         **kwargs: passed to :func:`export_pipelines` (``step``, ``overwrite``, ``license``, ``sample_grid``, ...).
     """
-    from .push import push_to_hub as push
-    from .push import resolve_repo_id
-
     if push_to_hub:
         hub_model_id = resolve_repo_id(hub_model_id)  # fail before any work
     output_dir = Path(run_dir) / "pipeline" if output_dir is None else output_dir
@@ -861,10 +555,5 @@ __all__ = [
     "export_pipelines",
     "export_model",
     "export_run",
-    "find_run_config",
-    "parse_stds",
-    "read_sweep",
-    "render_sample_grid",
-    "sampling_settings",
     "variant_folder",
 ]

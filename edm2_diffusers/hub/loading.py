@@ -8,6 +8,10 @@ import json
 import os
 from pathlib import Path
 
+import diffusers
+import huggingface_hub
+
+from ..pipelines import EDM2Pipeline
 from .remote_code import CUSTOM_CODE
 
 
@@ -22,9 +26,7 @@ def _read_model_index(path: str, subfolder: str | None, **hub_kwargs) -> dict:
         if not file.is_file():
             raise FileNotFoundError(f"{file.parent} is not a pipeline folder: model_index.json is missing")
     else:
-        from huggingface_hub import hf_hub_download
-
-        file = hf_hub_download(path, "model_index.json", subfolder=subfolder, **hub_kwargs)
+        file = huggingface_hub.hf_hub_download(path, "model_index.json", subfolder=subfolder, **hub_kwargs)
     return json.loads(Path(file).read_text(encoding="utf-8"))
 
 
@@ -50,10 +52,6 @@ def load_pipeline(
     Returns:
         `EDM2Pipeline`.
     """
-    import diffusers
-
-    from ..pipelines.pipeline_edm2 import EDM2Pipeline
-
     path = str(pretrained_model_name_or_path)
     subfolder = _join(subfolder)
     hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}

@@ -10,8 +10,8 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .export import check_export
-from .model_card import EXPORT_INFO_NAME, card_sha256, write_model_card
+from .checks import check_export
+from .model_card import EXPORT_INFO_NAME, card_sha256, describe_ema, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,6 @@ def default_commit_message(info: dict) -> str:
     """``Upload EDM2 Config G pipeline: EMA std 0.050 (root), 0.100 at step 1000`` from the export info."""
     arch = info["model"]["config"]["architecture"]
     if info.get("ema") is not None:  # one model that is not a post-hoc EMA reconstruction
-        from .model_card import describe_ema
-
         return f"Upload EDM2 Config {arch} pipeline: {describe_ema(info['ema'])} at step {info['run']['step']}"
     stds = ", ".join(f"{v['std']:.3f}" + (" (root)" if v["folder"] == "." else "") for v in info["variants"])
     return f"Upload EDM2 Config {arch} pipeline: EMA std {stds} at step {info['run']['step']}"

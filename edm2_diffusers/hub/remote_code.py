@@ -26,6 +26,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import __version__
+from ..pipelines import EDM2Pipeline
+
 PACKAGE = "edm2_diffusers"
 
 
@@ -267,8 +270,6 @@ def _qualname(cls: type) -> str:
 
 
 def _header(spec: CustomCodeSpec, bundled: list[str]) -> str:
-    from .. import __version__
-
     return (
         f"{spec.file_stem}.py: {spec.class_name} as diffusers custom code (trust_remote_code=True).\n"
         f"\n"
@@ -318,8 +319,6 @@ def write_custom_code(pipeline_dir: str | os.PathLike) -> dict:
 
     pipeline_cls = index["_class_name"]
     if isinstance(pipeline_cls, str):
-        from ..pipelines.pipeline_edm2 import EDM2Pipeline
-
         pipeline_cls = [EDM2Pipeline.__module__, pipeline_cls] if pipeline_cls == EDM2Pipeline.__name__ else None
     spec = spec_for(*pipeline_cls) if pipeline_cls else None
     if spec is None:

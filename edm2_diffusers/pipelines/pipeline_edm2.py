@@ -18,84 +18,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-# Per-channel statistics of the raw latents of the Stable Diffusion VAE (`stabilityai/sd-vae-ft-mse`) on images in
-# [0, 1], as used by EDM2's ImageNet latent models; standardized latents get std `final_std` = 0.5 = σ_data.
-SD_VAE_LATENT_MEAN = (5.81, 3.25, 0.12, -2.15)
-SD_VAE_LATENT_STD = (4.17, 4.62, 3.71, 3.28)
-LATENT_FINAL_STD = 0.5
-
-
-def _channel_view(values: Sequence[float], ref: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(values, dtype=torch.float32, device=ref.device).reshape(1, -1, 1, 1)
-    if t.shape[1] != ref.shape[1]:
-        raise ValueError(f"{t.shape[1]} per-channel latent statistics for latents with {ref.shape[1]} channels")
-    return t
-
-
-def standardize_latents(
-    raw: torch.Tensor, latent_mean: Sequence[float], latent_std: Sequence[float], final_std: float = LATENT_FINAL_STD
-) -> torch.Tensor:
-    """Raw VAE latents -> the model's latents: x = (raw − mean)·(final_std / std), per channel.
-
-    The VAE's own ``scaling_factor`` is not used: EDM2 replaces it with these per-channel statistics.
-
-    Args:
-        raw (`torch.Tensor`): raw latents `(N, C, h, w)` as sampled from the VAE posterior.
-        latent_mean (`Sequence[float]`), latent_std (`Sequence[float]`): per-channel statistics of the raw latents.
-        final_std (`float`): std of the standardized latents (EDM2: 0.5).
-    """
-    raw = raw.to(torch.float32)
-    return (raw - _channel_view(latent_mean, raw)) * (final_std / _channel_view(latent_std, raw))
-
-
-def unstandardize_latents(
-    latents: torch.Tensor,
-    latent_mean: Sequence[float],
-    latent_std: Sequence[float],
-    final_std: float = LATENT_FINAL_STD,
-) -> torch.Tensor:
-    """The inverse of :func:`standardize_latents`: raw = x·(std / final_std) + mean, per channel.
-
-    Args:
-        latents (`torch.Tensor`): the model's latents `(N, C, h, w)`.
-        latent_mean (`Sequence[float]`), latent_std (`Sequence[float]`): per-channel statistics of the raw latents.
-        final_std (`float`): std of the standardized latents (EDM2: 0.5).
-    """
-    latents = latents.to(torch.float32)
-    return latents * (_channel_view(latent_std, latents) / final_std) + _channel_view(latent_mean, latents)
-
-
-@torch.no_grad()
-def encode_latents(
-    vae: AutoencoderKL,
-    images: torch.Tensor,
-    latent_mean: Sequence[float] = SD_VAE_LATENT_MEAN,
-    latent_std: Sequence[float] = SD_VAE_LATENT_STD,
-    final_std: float = LATENT_FINAL_STD,
-    generator: torch.Generator | None = None,
-    sample: bool = True,
-) -> torch.Tensor:
-    """Images -> standardized latents for training a latent EDM2 model (the inverse of the pipeline's decoding).
-
-    As in EDM2, the VAE sees images in [0, 1] (not Stable Diffusion's [−1, 1]) and its output is read in [0, 1].
-
-    Args:
-        vae (`AutoencoderKL`): the autoencoder.
-        images (`torch.Tensor`): images `(N, 3, H, W)` with values in [0, 1].
-        latent_mean (`Sequence[float]`), latent_std (`Sequence[float]`): per-channel raw latent statistics.
-        final_std (`float`): std of the standardized latents.
-        generator (`torch.Generator`, *optional*): for sampling the VAE posterior.
-        sample (`bool`): draw from the posterior N(mean, std²) (EDM2 does this each time it reads a latent);
-            ``False`` uses the posterior mean.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
-    images = images.to(device=vae.device, dtype=vae.dtype)
-    dist = vae.encode(images).latent_dist
-    raw = dist.mean
-    if sample:
-        raw = raw + dist.std * randn_tensor(raw.shape, generator=generator, device=raw.device, dtype=raw.dtype)
-    return standardize_latents(raw, latent_mean, latent_std, final_std)
+from ..latents import LATENT_FINAL_STD, SD_VAE_LATENT_MEAN, SD_VAE_LATENT_STD, unstandardize_latents
 
 
 class EDM2Pipeline(DiffusionPipeline):
@@ -326,12 +249,4 @@ class EDM2Pipeline(DiffusionPipeline):
         return net(model_in.to(dtype), t, class_labels=labels).sample.to(torch.float32)
 
 
-__all__ = [
-    "EDM2Pipeline",
-    "SD_VAE_LATENT_MEAN",
-    "SD_VAE_LATENT_STD",
-    "LATENT_FINAL_STD",
-    "standardize_latents",
-    "unstandardize_latents",
-    "encode_latents",
-]
+__all__ = ["EDM2Pipeline"]

@@ -14,6 +14,9 @@ from typing import Any
 
 import yaml
 
+from ..hub import resolve_repo_id
+from ..models import EDM2UNet2DModel
+
 # (default, type, help). ``type`` is the type of a non-null value; ``None`` defaults mean "optional / not set".
 SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
     "data": {
@@ -147,8 +150,6 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
 
 
 def _model_keys() -> set[str]:
-    from ..models import EDM2UNet2DModel
-
     params = inspect.signature(EDM2UNet2DModel.__init__).parameters
     return {name for name in params if name != "self"}
 
@@ -300,22 +301,14 @@ def validate_config(cfg: dict) -> dict:
             raise ValueError("--push_to_hub pushes the final export: it needs training.export_pipeline true")
         if cfg.get("ema") is None:
             raise ValueError("--push_to_hub needs an EMA to export, but the config disables it (ema: null)")
-        from ..hub.push import resolve_repo_id
-
         resolve_repo_id(train["hub_model_id"])  # a missing or malformed id fails before training
     return cfg
-
-
-def dump_config(cfg: dict) -> str:
-    """The configuration as YAML text (what a run stores next to its checkpoints)."""
-    return yaml.safe_dump(cfg, sort_keys=False)
 
 
 __all__ = [
     "SCHEMA",
     "apply_overrides",
     "default_config",
-    "dump_config",
     "load_config",
     "merge_config",
     "validate_config",

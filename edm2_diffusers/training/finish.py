@@ -19,14 +19,11 @@ import json
 import logging
 import os
 
+from ..ema import PowerFunctionEMA
+from ..hub import EXPORT_INFO_NAME, export_model, export_run, push_to_hub
+from ..runs import PIPELINE_SUBDIR, pipeline_dir
+
 logger = logging.getLogger(__name__)
-
-PIPELINE_SUBDIR = "pipeline"
-
-
-def pipeline_dir(output_dir: str) -> str:
-    """Where a run's export goes: ``output_dir/pipeline``."""
-    return os.path.join(output_dir, PIPELINE_SUBDIR)
 
 
 def check_export_target(cfg: dict, warn: bool = True) -> None:
@@ -50,8 +47,6 @@ def check_export_target(cfg: dict, warn: bool = True) -> None:
         return
     if not os.path.isdir(target):
         raise ValueError(f"{target} exists and is not a folder; the run exports its pipeline there")
-    from ..hub.model_card import EXPORT_INFO_NAME
-
     if os.listdir(target) and not os.path.isfile(os.path.join(target, EXPORT_INFO_NAME)):
         raise ValueError(
             f"{target} holds files that are not a pipeline export; the run would export into it at the end. Move "
@@ -60,8 +55,6 @@ def check_export_target(cfg: dict, warn: bool = True) -> None:
 
 
 def _earlier_export_step(target: str) -> int | None:
-    from ..hub.model_card import EXPORT_INFO_NAME
-
     try:
         with open(os.path.join(target, EXPORT_INFO_NAME), encoding="utf-8") as f:
             return int(json.load(f)["run"]["step"])
@@ -90,9 +83,6 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
     train_cfg = cfg["training"]
     if not train_cfg["export_pipeline"] or ema is None:
         return None
-    from ..ema import PowerFunctionEMA
-    from ..hub import export_model, export_run, push_to_hub
-
     output_dir = train_cfg["output_dir"]
     target = pipeline_dir(output_dir)
     repo_id = train_cfg["hub_model_id"]
@@ -117,4 +107,4 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
     return target
 
 
-__all__ = ["PIPELINE_SUBDIR", "check_export_target", "export_trained_run", "pipeline_dir"]
+__all__ = ["check_export_target", "export_trained_run"]

@@ -9,9 +9,9 @@ what makes a run exact and restartable:
 * the learning rate is a pure function of the number of images seen (:mod:`.schedule`), not an optimizer state;
 * the step counter and data position travel in the checkpoint (:class:`TrainingState`).
 
-Latent datasets (:mod:`.latents`) store the VAE posterior's moments; each micro-step draws its latents from them with
-the micro-step's seed, like its σ and ε. At the end the main process exports the EMA into ``output_dir/pipeline``
-(:mod:`.finish`).
+Latent datasets (:mod:`edm2_diffusers.data.latents`) store the VAE posterior's moments; each micro-step draws its
+latents from them with the micro-step's seed, like its σ and ε. At the end the main process exports the EMA into
+``output_dir/pipeline`` (:mod:`.finish`).
 """
 
 from __future__ import annotations
@@ -23,135 +23,38 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from ..data import (
+    build_image_dataset,
+    check_dataset,
+    load_train_dataset,
+    random_flip,
+    resolve_source,
+)
+from ..ema import build_ema
+from ..grids import render_sample_grid, save_png_atomic
 from ..models import EDM2UNet2DModel
+from ..pipelines import EDM2Pipeline
+from ..runs import SAMPLES_SUBDIR, scheduler_from_config, write_run_config, write_run_latent_info
 from . import checkpoint as ckpt
-from .config import dump_config, validate_config
-from .data import build_image_dataset, check_dataset, load_train_dataset, random_flip, resolve_source
+from .config import validate_config
 from .finish import check_export_target, export_trained_run
 from .loss import EDM2TrainingLoss, sample_sigma
-from .samples import sample_grid, save_grid
 from .schedule import learning_rate, schedule_in_images
+from .setup import batch_sizes, check_latents, flat_config, load_sampling_vae, make_accelerator
+from .state import NonFiniteLossError, TrainingResult, TrainingState, micro_step_seed
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run stopped without writing anything after the last good checkpoint."""
-
-
-class TrainingState:
-    """Counters saved in every checkpoint (registered with ``accelerator.register_for_checkpointing``).
-
-    Args:
-        step (`int`): optimizer steps done.
-        images_seen (`int`): training images seen over all processes.
-        batches_per_epoch (`int`): per-process batches in one epoch (to detect a changed data layout on resume).
-    """
-
-    def __init__(self, step: int = 0, images_seen: int = 0, batches_per_epoch: int = 0):
-        self.step = step
-        self.images_seen = images_seen
-        self.batches_per_epoch = batches_per_epoch
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "images_seen": self.images_seen, "batches_per_epoch": self.batches_per_epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.images_seen = int(state["images_seen"])
-        self.batches_per_epoch = int(state["batches_per_epoch"])
-
-
-@dataclass
-class TrainingResult:
-    """What :func:`train` returns.
-
-    Args:
-        unet (`EDM2UNet2DModel`): the trained (raw, not averaged) model, unwrapped.
-        ema: the EMA tracker on the main process (``None`` elsewhere or when disabled).
-        step (`int`): optimizer steps done.
-        images_seen (`int`): training images seen over all processes.
-        output_dir (`str`): the run folder.
-        last_checkpoint (`str`, *optional*): the newest checkpoint folder.
-        sample_grids (`list[str]`): sample grid PNGs written by this call.
-        pipeline_dir (`str`, *optional*): the exported pipeline (``output_dir/pipeline``; main process only).
-        is_main_process (`bool`): whether this process is the main one (the one that exports).
-    """
-
-    unet: EDM2UNet2DModel
-    ema: object | None
-    step: int
-    images_seen: int
-    output_dir: str
-    last_checkpoint: str | None = None
-    sample_grids: list[str] = field(default_factory=list)
-    pipeline_dir: str | None = None
-    is_main_process: bool = True
-
-
-def micro_step_seed(seed: int, step: int, micro: int, process: int) -> int:
-    """A 63-bit seed for one micro-step of one process, independent of everything that ran before it."""
-    state = np.random.SeedSequence([seed, step, micro, process]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
-
-
-def _flat(cfg: dict, prefix: str = "") -> dict:
-    """Config flattened to scalars for trackers (TensorBoard's hparams take no lists or None)."""
-    out = {}
-    for key, value in (cfg or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, name + "."))
-        elif isinstance(value, (bool, int, float, str)):
-            out[name] = value
-        else:
-            out[name] = str(value)
-    return out
-
-
-def _make_accelerator(train_cfg: dict):
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-
-    from ..distributed import cpu_process_group
-
-    output_dir = train_cfg["output_dir"]
-    report_to = train_cfg["report_to"]
-    return Accelerator(
-        cpu=cpu_process_group(),
-        mixed_precision=train_cfg["mixed_precision"],
-        log_with=None if report_to == "none" else report_to,
-        project_config=ProjectConfiguration(
-            project_dir=output_dir, logging_dir=os.path.join(output_dir, train_cfg["logging_dir"])
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg["seed"]),
-    )
-
-
-def _batch_sizes(train_cfg: dict, num_processes: int) -> tuple[int, int]:
-    """(per-device batch, global batch) from the config and the number of processes."""
-    accum = train_cfg["gradient_accumulation_steps"]
-    per_device, total = train_cfg["train_batch_size"], train_cfg["total_batch_size"]
-    if per_device is None:
-        if total % (num_processes * accum):
-            raise ValueError(
-                f"total_batch_size {total} is not divisible by processes ({num_processes}) x "
-                f"gradient_accumulation_steps ({accum}); set --train_batch_size or another total"
-            )
-        per_device = total // (num_processes * accum)
-    elif total is not None and total != per_device * num_processes * accum:
-        raise ValueError(
-            f"train_batch_size {per_device} x processes {num_processes} x gradient_accumulation_steps {accum} "
-            f"= {per_device * num_processes * accum}, not total_batch_size {total}; set only one of the two"
-        )
-    return per_device, per_device * num_processes * accum
-
-
-def _batch_stream(accelerator, dataloader, epoch: int, skip: int):
-    """Endless per-process batches: epoch after epoch, each in the seeded order of (seed, epoch)."""
+def _batch_stream(run: _Run):
+    """Endless per-process batches from where the run stands: epoch after epoch, each in the seeded order of
+    (seed, epoch)."""
+    accelerator, dataloader = run.accelerator, run.dataloader
+    accum = run.cfg["training"]["gradient_accumulation_steps"]
+    epoch, skip = divmod(run.state.step * accum, run.state.batches_per_epoch)
     while True:
         dataloader.set_epoch(epoch)
         loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
@@ -192,18 +95,65 @@ def train(cfg: dict, dataset=None, hub_token: str | None = None) -> TrainingResu
         torch.set_num_threads(previous_threads)
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds between its phases."""
+
+    cfg: dict
+    accelerator: object
+    unet: EDM2UNet2DModel
+    ema: object | None
+    resume_dir: str | None
+    per_device: int
+    global_batch: int
+    train_set: object
+    dataloader: object
+    latent_info: dict | None
+    vae: object | None
+    warmup_images: int = 0
+    decay_ref_images: int = 0
+    model: object = None
+    optimizer: object = None
+    max_steps: int = 0
+    state: TrainingState = field(default_factory=TrainingState)
+    result: TrainingResult | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def standardizer(self):
+        return self.latent_info["standardizer"] if self.latent_info else None
+
+
 def _train(cfg: dict, dataset, hub_token: str | None) -> TrainingResult:
+    run = _prepare(cfg, dataset)
+    _start(run)
+    if run.state.step >= run.max_steps:
+        if run.main:
+            logger.info("nothing to do: the run is at step %d of %d", run.state.step, run.max_steps)
+        return _finish(run, hub_token)
+    _log_start(run)
+    stream = _batch_stream(run)
+    progress = _progress(run.main, run.state.step, run.max_steps)
+    speed = _Speed()
+    while run.state.step < run.max_steps:
+        mean_loss = _optimizer_step(run, stream)
+        _after_step(run, mean_loss, speed(run.global_batch), progress)
+    if progress is not None:
+        progress.close()
+    return _finish(run, hub_token)
+
+
+def _prepare(cfg: dict, dataset) -> _Run:
+    """Check everything that can be checked — config, checkpoint, data, VAE, export folder — writing nothing."""
     data_cfg, train_cfg = cfg["data"], cfg["training"]
     output_dir = train_cfg["output_dir"]
-    seed = train_cfg["seed"]
+    accelerator = make_accelerator(train_cfg)
+    per_device, global_batch = batch_sizes(train_cfg, accelerator.num_processes)
 
-    accelerator = _make_accelerator(train_cfg)
-    main = accelerator.is_main_process
-    accum = train_cfg["gradient_accumulation_steps"]
-    per_device, global_batch = _batch_sizes(train_cfg, accelerator.num_processes)
-
-    # --- the model, and the checkpoint to resume from (checked before anything is written) ---
-    torch.manual_seed(seed)
+    torch.manual_seed(train_cfg["seed"])
     unet = EDM2UNet2DModel(**cfg["model"])
     resume_dir = ckpt.resolve_resume(train_cfg["resume_from_checkpoint"], output_dir)
     if resume_dir is not None:
@@ -213,22 +163,15 @@ def _train(cfg: dict, dataset, hub_token: str | None) -> TrainingResult:
             f"{output_dir!r} already holds checkpoints of another run; pass --resume_from_checkpoint latest to "
             "continue it, or choose a fresh --output_dir"
         )
-    if cfg.get("ema") is not None:
-        from ..ema import build_ema
+    ema = build_ema(unet, cfg["ema"]) if cfg.get("ema") is not None else None  # validates on every process
 
-        ema = build_ema(unet, cfg["ema"])  # also validates the ema section on every process
-    else:
-        ema = None
-
-    # --- data ---
     source = resolve_source(data_cfg, dataset)
     hf_dataset = load_train_dataset(data_cfg, dataset)
     resolution = check_dataset(hf_dataset, data_cfg, cfg["model"], source)
     train_set = build_image_dataset(hf_dataset, data_cfg, cfg["model"], source, resolution)
-    latent_info = _check_latents(source, hf_dataset, output_dir, resume_dir)
-    standardizer = latent_info["standardizer"] if latent_info else None
-    vae = _load_vae(cfg["sampling"], latent_info, accelerator.device, load=main)  # grids: main process only
-    check_export_target(cfg, warn=main)
+    latent_info = check_latents(source, hf_dataset, output_dir, resume_dir)
+    vae = load_sampling_vae(cfg["sampling"], latent_info, accelerator.device, load=accelerator.is_main_process)
+    check_export_target(cfg, warn=accelerator.is_main_process)
     if len(train_set) < global_batch:
         raise ValueError(f"the dataset has {len(train_set)} images, fewer than one global batch of {global_batch}")
     dataloader = torch.utils.data.DataLoader(
@@ -240,243 +183,230 @@ def _train(cfg: dict, dataset, hub_token: str | None) -> TrainingResult:
         persistent_workers=False,
     )
     warmup_images, decay_ref_images = schedule_in_images(train_cfg, global_batch)
+    return _Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        unet=unet,
+        ema=ema,
+        resume_dir=resume_dir,
+        per_device=per_device,
+        global_batch=global_batch,
+        train_set=train_set,
+        dataloader=dataloader,
+        latent_info=latent_info,
+        vae=vae,
+        warmup_images=warmup_images,
+        decay_ref_images=decay_ref_images,
+    )
 
-    # --- from here on, things are written ---
-    unet.train()
-    loss_module = EDM2TrainingLoss(unet, sigma_data=train_cfg["sigma_data"])
+
+def _start(run: _Run) -> None:
+    """Build the optimizer, hand everything to Accelerate, write the run's files and load the checkpoint."""
+    cfg, train_cfg, accelerator = run.cfg, run.cfg["training"], run.accelerator
+    output_dir = train_cfg["output_dir"]
+    run.unet.train()
+    loss_module = EDM2TrainingLoss(run.unet, sigma_data=train_cfg["sigma_data"])
     optimizer = torch.optim.Adam(
-        unet.parameters(),
+        run.unet.parameters(),
         lr=train_cfg["learning_rate"],
         betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]),
         eps=train_cfg["adam_epsilon"],
     )
-    model, optimizer, dataloader = accelerator.prepare(loss_module, optimizer, dataloader)
-    batches_per_epoch = len(dataloader)
+    run.model, run.optimizer, run.dataloader = accelerator.prepare(loss_module, optimizer, run.dataloader)
+    batches_per_epoch = len(run.dataloader)
     if train_cfg["max_train_steps"] is not None:
-        max_steps = train_cfg["max_train_steps"]
+        run.max_steps = train_cfg["max_train_steps"]
     else:
-        max_steps = max(1, train_cfg["num_epochs"] * batches_per_epoch // accum)
+        run.max_steps = max(1, train_cfg["num_epochs"] * batches_per_epoch // train_cfg["gradient_accumulation_steps"])
 
-    state = TrainingState(batches_per_epoch=batches_per_epoch)
-    accelerator.register_for_checkpointing(state)
-    if ema is not None and main:
-        accelerator.register_for_checkpointing(ema)
-    if not main:
-        ema = None  # EMA, sample grids and snapshots live on the main process
+    run.state = TrainingState(batches_per_epoch=batches_per_epoch)
+    accelerator.register_for_checkpointing(run.state)
+    if run.ema is not None and run.main:
+        accelerator.register_for_checkpointing(run.ema)
+    if not run.main:
+        run.ema = None  # EMA, sample grids and snapshots live on the main process
 
-    if main:
+    if run.main:
         os.makedirs(output_dir, exist_ok=True)
-        if resume_dir is None:
-            with open(os.path.join(output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-                f.write(dump_config(cfg))
-        if latent_info is not None:
-            from .latents import write_run_latent_info
-
-            write_run_latent_info(output_dir, latent_info)
+        if run.resume_dir is None:
+            write_run_config(output_dir, cfg)
+        if run.latent_info is not None:
+            write_run_latent_info(output_dir, run.latent_info)
     accelerator.wait_for_everyone()
-    if resume_dir is not None:
-        accelerator.load_state(resume_dir)
-        if state.batches_per_epoch != batches_per_epoch:
-            logger.warning(
-                "the checkpoint was written with %d batches per epoch and process, this run has %d: the data order "
-                "differs from an uninterrupted run",
-                state.batches_per_epoch,
-                batches_per_epoch,
-            )
-            state.batches_per_epoch = batches_per_epoch
-        if main:
-            logger.info("resumed from %s at step %d (%d images seen)", resume_dir, state.step, state.images_seen)
-    result = TrainingResult(unet=unet, ema=ema, step=state.step, images_seen=state.images_seen, output_dir=output_dir)
+    if run.resume_dir is not None:
+        _load_checkpoint(run, batches_per_epoch)
+    state = run.state
+    run.result = TrainingResult(
+        unet=run.unet, ema=run.ema, step=state.step, images_seen=state.images_seen, output_dir=output_dir
+    )
     existing = ckpt.list_checkpoints(output_dir)
-    result.last_checkpoint = existing[-1][1] if existing else None
-    if state.step >= max_steps:
-        if main:
-            logger.info("nothing to do: the run is at step %d of %d", state.step, max_steps)
-        accelerator.end_training()
-        if main:  # a run stopped while exporting exports now; an export of this step is kept as it is
-            result.pipeline_dir = export_trained_run(cfg, ema, state.step, state.images_seen, hub_token)
-        result.is_main_process = main
-        return result
-    if train_cfg["report_to"] != "none":
-        accelerator.init_trackers("edm2", config=_flat({k: v for k, v in cfg.items() if k != "model"}))
+    run.result.last_checkpoint = existing[-1][1] if existing else None
 
-    if main:
+
+def _load_checkpoint(run: _Run, batches_per_epoch: int) -> None:
+    run.accelerator.load_state(run.resume_dir)
+    state = run.state
+    if state.batches_per_epoch != batches_per_epoch:
+        logger.warning(
+            "the checkpoint was written with %d batches per epoch and process, this run has %d: the data order "
+            "differs from an uninterrupted run",
+            state.batches_per_epoch,
+            batches_per_epoch,
+        )
+        state.batches_per_epoch = batches_per_epoch
+    if run.main:
+        logger.info("resumed from %s at step %d (%d images seen)", run.resume_dir, state.step, state.images_seen)
+
+
+def _log_start(run: _Run) -> None:
+    cfg, accelerator = run.cfg, run.accelerator
+    if cfg["training"]["report_to"] != "none":
+        accelerator.init_trackers("edm2", config=flat_config({k: v for k, v in cfg.items() if k != "model"}))
+    if run.main:
         logger.info(
             "training %s (%s parameters) on %d images: %d processes x %d per device x %d accumulation = global batch "
             "%d, steps %d -> %d",
-            unet.config.architecture,
-            f"{unet.num_parameters_without_logvar():,}",
-            len(train_set),
+            run.unet.config.architecture,
+            f"{run.unet.num_parameters_without_logvar():,}",
+            len(run.train_set),
             accelerator.num_processes,
-            per_device,
-            accum,
-            global_batch,
-            state.step,
-            max_steps,
+            run.per_device,
+            cfg["training"]["gradient_accumulation_steps"],
+            run.global_batch,
+            run.state.step,
+            run.max_steps,
         )
 
-    epoch, skip = divmod(state.step * accum, batches_per_epoch)
-    stream = _batch_stream(accelerator, dataloader, epoch, skip)
-    progress = _progress(main, state.step, max_steps)
-    last_time, rate = time.perf_counter(), None
-    process = accelerator.process_index
 
-    while state.step < max_steps:
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for micro in range(accum):
-            batch = next(stream)
-            torch.manual_seed(micro_step_seed(seed, state.step, micro, process))
-            if standardizer is not None:  # a fresh latent z = mean + std·ε from this micro-step's seed
-                images = standardizer.sample(batch["latent_moments"])
-            else:
-                images = batch["pixel_values"]
-            if data_cfg["random_flip"]:
-                images = random_flip(images)
-            sigma = sample_sigma(images.shape[0], train_cfg["P_mean"], train_cfg["P_std"], device=images.device)
-            noise = torch.randn_like(images)
-            sync = micro == accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss = model(images, sigma, noise, batch.get("class_labels"))
-                accelerator.backward(loss / accum)
-            loss_sum += loss.detach().float()
-        mean_loss = accelerator.reduce(loss_sum / accum, reduction="mean").item()
-        if not math.isfinite(mean_loss):
-            accelerator.end_training()
-            raise NonFiniteLossError(
-                f"the loss is {mean_loss} at step {state.step + 1}; training stopped. The last good checkpoint is "
-                f"{result.last_checkpoint or '(none yet)'} and nothing was written after it"
-            )
+def _optimizer_step(run: _Run, stream) -> float:
+    """One optimizer step: the micro-steps' losses and gradients, the learning rate of the images seen, Adam."""
+    train_cfg, accelerator, state = run.cfg["training"], run.accelerator, run.state
+    accum = train_cfg["gradient_accumulation_steps"]
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for micro in range(accum):
+        batch = next(stream)
+        torch.manual_seed(micro_step_seed(train_cfg["seed"], state.step, micro, accelerator.process_index))
+        if run.standardizer is not None:  # a fresh latent z = mean + std·ε from this micro-step's seed
+            images = run.standardizer.sample(batch["latent_moments"])
+        else:
+            images = batch["pixel_values"]
+        if run.cfg["data"]["random_flip"]:
+            images = random_flip(images)
+        sigma = sample_sigma(images.shape[0], train_cfg["P_mean"], train_cfg["P_std"], device=images.device)
+        noise = torch.randn_like(images)
+        sync = micro == accum - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
+            loss = run.model(images, sigma, noise, batch.get("class_labels"))
+            accelerator.backward(loss / accum)
+        loss_sum += loss.detach().float()
+    mean_loss = accelerator.reduce(loss_sum / accum, reduction="mean").item()
+    if not math.isfinite(mean_loss):
+        accelerator.end_training()
+        raise NonFiniteLossError(
+            f"the loss is {mean_loss} at step {state.step + 1}; training stopped. The last good checkpoint is "
+            f"{run.result.last_checkpoint or '(none yet)'} and nothing was written after it"
+        )
+    images_after = state.images_seen + run.global_batch
+    lr = learning_rate(images_after, train_cfg["learning_rate"], run.warmup_images, run.decay_ref_images)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.images_seen = images_after
+    return mean_loss
 
-        images_after = state.images_seen + global_batch
-        lr = learning_rate(images_after, train_cfg["learning_rate"], warmup_images, decay_ref_images)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.images_seen = images_after
-        step = state.step
-        if ema is not None:
-            ema.update(cur_nimg=state.images_seen, batch_size=global_batch)
 
-        now = time.perf_counter()
-        inst = global_batch / max(now - last_time, 1e-9)
-        rate = inst if rate is None else 0.9 * rate + 0.1 * inst
-        last_time = now
+def _after_step(run: _Run, mean_loss: float, rate: float, progress) -> None:
+    """Bookkeeping after an optimizer step: EMA, logs, snapshots, sample grids, checkpoints."""
+    train_cfg, state = run.cfg["training"], run.state
+    step, output_dir = state.step, train_cfg["output_dir"]
+    final = step == run.max_steps
+    lr = run.optimizer.param_groups[0]["lr"]
+    if run.ema is not None:
+        run.ema.update(cur_nimg=state.images_seen, batch_size=run.global_batch)
+        run.ema.after_step(output_dir, step=step, nimg=state.images_seen, final=final)
+    if train_cfg["report_to"] != "none":
         logs = {"loss": mean_loss, "lr": lr, "images_seen": state.images_seen, "images_per_sec": rate}
-        if train_cfg["report_to"] != "none":
-            accelerator.log(logs, step=step)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-
-        final = step == max_steps
-        # Power-function EMA: snapshots every snapshot_every_steps, and always at the last step, so that the run
-        # can be exported and reconstructed where it ends (also with snapshot_every_steps 0).
-        snap_every = getattr(ema, "snapshot_every_steps", 0)
-        if hasattr(ema, "stds") and ((snap_every and step % snap_every == 0) or final):
-            ema.save_snapshots(output_dir, step=step, nimg=state.images_seen)
-        every = train_cfg["sample_every_steps"]
-        if main and ((every and step % every == 0) or final) and (standardizer is None or vae is not None):
-            latent_kwargs = standardizer.pipeline_kwargs() if standardizer is not None else None
-            result.sample_grids.append(_write_samples(ema, unet, cfg, output_dir, step, vae, latent_kwargs))
-        every = train_cfg["checkpointing_steps"]
-        if (every and step % every == 0) or final:
-            result.last_checkpoint = ckpt.save_checkpoint(
-                accelerator,
-                output_dir,
-                step,
-                dict(unet.config),
-                _state_summary(state, accelerator, global_batch, accum),
-            )
-            if main:
-                for path in ckpt.prune_checkpoints(output_dir, train_cfg["checkpoints_total_limit"]):
-                    logger.info("removed old checkpoint %s", path)
-            accelerator.wait_for_everyone()
-
+        run.accelerator.log(logs, step=step)
     if progress is not None:
-        progress.close()
-    accelerator.end_training()
-    result.step, result.images_seen = state.step, state.images_seen
-    result.is_main_process = main
-    if main:
-        logger.info(
-            "done: %d steps, %d images seen; last checkpoint %s", state.step, state.images_seen, result.last_checkpoint
-        )
-        result.pipeline_dir = export_trained_run(cfg, ema, state.step, state.images_seen, hub_token)
-    return result
+        progress.update(1)
+        progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+    every = train_cfg["sample_every_steps"]
+    if run.main and ((every and step % every == 0) or final) and (run.standardizer is None or run.vae is not None):
+        run.result.sample_grids.append(_write_samples(run, step))
+    every = train_cfg["checkpointing_steps"]
+    if (every and step % every == 0) or final:
+        _save_checkpoint(run)
 
 
-def _progress(main: bool, start: int, total: int):
-    if not main:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="steps", dynamic_ncols=True)
-
-
-def _state_summary(state: TrainingState, accelerator, global_batch: int, accum: int) -> dict:
-    epoch, batch = divmod(state.step * accum, state.batches_per_epoch)
-    return {
+def _save_checkpoint(run: _Run) -> None:
+    train_cfg, accelerator, state = run.cfg["training"], run.accelerator, run.state
+    output_dir = train_cfg["output_dir"]
+    epoch, batch = divmod(state.step * train_cfg["gradient_accumulation_steps"], state.batches_per_epoch)
+    summary = {
         **state.state_dict(),
         "epoch": epoch,
         "batch_in_epoch": batch,
         "num_processes": accelerator.num_processes,
-        "global_batch_size": global_batch,
+        "global_batch_size": run.global_batch,
     }
+    run.result.last_checkpoint = ckpt.save_checkpoint(
+        accelerator, output_dir, state.step, dict(run.unet.config), summary
+    )
+    if run.main:
+        for path in ckpt.prune_checkpoints(output_dir, train_cfg["checkpoints_total_limit"]):
+            logger.info("removed old checkpoint %s", path)
+    accelerator.wait_for_everyone()
 
 
-def _check_latents(source: str, hf_dataset, output_dir: str, resume_dir: str | None) -> dict | None:
-    """A latent dataset's constants (:func:`~.latents.read_latent_info`); a resumed run must keep its constants."""
-    if source != "latents":
-        return None
-    from .latents import read_latent_info, read_run_latent_info
-
-    info = read_latent_info(hf_dataset)
-    recorded = read_run_latent_info(output_dir) if resume_dir is not None else None
-    if recorded is not None and info["standardizer"].to_dict() != {
-        k: recorded[k] for k in ("latent_mean", "latent_std", "final_std")
-    }:
-        raise ValueError(
-            f"the latent dataset's standardization constants differ from those the run recorded in {output_dir}: "
-            "resume with the dataset the run was trained on"
+def _finish(run: _Run, hub_token: str | None) -> TrainingResult:
+    """End the trackers and, on the main process, export the EMA (and push it)."""
+    run.accelerator.end_training()
+    result, state = run.result, run.state
+    result.step, result.images_seen = state.step, state.images_seen
+    result.is_main_process = run.main
+    if run.main:
+        logger.info(
+            "done: %d steps, %d images seen; last checkpoint %s", state.step, state.images_seen, result.last_checkpoint
         )
-    return info
+        result.pipeline_dir = export_trained_run(run.cfg, run.ema, state.step, state.images_seen, hub_token)
+    return result
 
 
-def _load_vae(sampling_cfg: dict, latent_info: dict | None, device, load: bool = True):
-    """The ``sampling.vae`` AutoencoderKL that decodes a latent run's sample grids (checked before training)."""
-    if not sampling_cfg.get("vae"):
-        if latent_info is not None and load:
-            logger.info("latent run without sampling.vae: no sample grids (set sampling.vae to decode them)")
-        return None
-    if latent_info is None:
-        raise ValueError("sampling.vae decodes latent models, but this run trains on images (drop sampling.vae)")
-    if not load:
-        return None
-    from diffusers import AutoencoderKL
+class _Speed:
+    """Images per second, smoothed over steps."""
 
-    try:
-        vae = AutoencoderKL.from_pretrained(sampling_cfg["vae"], subfolder=sampling_cfg.get("vae_subfolder"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load the VAE of sampling.vae {sampling_cfg['vae']!r}: {err}") from None
-    channels = latent_info["standardizer"].channels
-    if vae.config.latent_channels != channels:
-        raise ValueError(f"sampling.vae has {vae.config.latent_channels} latent channels, the dataset {channels}")
-    return vae.to(device).eval().requires_grad_(False)
+    def __init__(self):
+        self.last, self.rate = time.perf_counter(), None
+
+    def __call__(self, images: int) -> float:
+        now = time.perf_counter()
+        inst = images / max(now - self.last, 1e-9)
+        self.rate = inst if self.rate is None else 0.9 * self.rate + 0.1 * inst
+        self.last = now
+        return self.rate
 
 
-def _write_samples(ema, unet, cfg: dict, output_dir: str, step: int, vae=None, latent_kwargs=None) -> str:
+def _progress(main: bool, start: int, total: int):
+    return tqdm(total=total, initial=start, desc="steps", dynamic_ncols=True) if main else None
+
+
+def _write_samples(run: _Run, step: int) -> str:
     """Sample a grid from the first EMA profile (or the raw model without EMA) and save it."""
-    net = ema.averaged_models()[0][1] if ema is not None else unet
+    cfg, sampling = run.cfg, run.cfg["sampling"]
+    net = run.ema.averaged_models()[0][1] if run.ema is not None else run.unet
     was_training = net.training
+    latent_kwargs = run.standardizer.pipeline_kwargs() if run.standardizer is not None else {}
+    pipe = EDM2Pipeline(unet=net, scheduler=scheduler_from_config(cfg), vae=run.vae, **latent_kwargs)
     try:
-        image = sample_grid(
-            net, cfg["sampling"], sigma_data=cfg["training"]["sigma_data"], vae=vae, latent_kwargs=latent_kwargs
+        image = render_sample_grid(
+            pipe, sampling["grid_rows"], sampling["grid_cols"], sampling["num_inference_steps"], sampling["seed"]
         )
     finally:
         net.train(was_training)
-    path = save_grid(image, output_dir, step)
+    path = os.path.join(cfg["training"]["output_dir"], SAMPLES_SUBDIR, f"step-{step:07d}.png")
+    save_png_atomic(image, path)
     logger.info("sample grid: %s", path)
     return path
 

@@ -2,8 +2,7 @@
 8×8 handwritten digits that scikit-learn ships (the offline quickstart), and latent datasets written by
 ``examples/encode_latents.py`` (``save_to_disk`` folders of VAE posterior moments, see :mod:`.latents`).
 
-Images become float tensors in [-1, 1] with numpy and PIL only (no torchvision). Random horizontal flips are applied
-per batch in the training loop (:func:`random_flip`) from a seeded generator, so a resumed run sees the same flips.
+The torch datasets that turn rows into tensors are in :mod:`.tensors`.
 
 A corrupt image file in a local image folder stops the run before training, naming the file: silently training on
 fewer images would change the run without anyone noticing.
@@ -15,9 +14,12 @@ import io
 import logging
 import os
 
+import datasets
 import numpy as np
-import torch
 from PIL import Image
+from sklearn.datasets import load_digits
+
+from .latents import LATENTS_COLUMN, load_latent_dataset, read_latent_info
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +34,6 @@ def load_digits_dataset():
     Pixel values 0..16 become 8-bit grey levels round(v·255/16) in column ``image`` (PIL images); the digit is in
     ``label`` (a ``ClassLabel`` with names "0".."9"). Nothing is downloaded: the data ship with scikit-learn.
     """
-    import datasets
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     features = datasets.Features(
@@ -88,8 +87,6 @@ def load_train_dataset(data_cfg: dict, dataset=None):
     Returns:
         `datasets.Dataset`: the (map-style) training dataset.
     """
-    import datasets
-
     source = resolve_source(data_cfg, dataset)
     if source == "memory":
         ds = dataset
@@ -112,8 +109,6 @@ def load_train_dataset(data_cfg: dict, dataset=None):
             cache_dir=data_cfg.get("cache_dir"),
         )
     elif source == "latents":
-        from .latents import load_latent_dataset
-
         folder = data_cfg.get("train_data_dir")
         if not folder:
             raise ValueError("data.source is 'latents' but no --train_data_dir (the encoded dataset) was given")
@@ -143,12 +138,10 @@ def load_train_dataset(data_cfg: dict, dataset=None):
     return ds
 
 
-def _columns_for(source: str, data_cfg: dict) -> tuple[str, str | None]:
+def dataset_columns(source: str, data_cfg: dict) -> tuple[str, str | None]:
     if source == "sklearn_digits":
         return DIGITS_IMAGE_COLUMN, data_cfg.get("label_column")
     if source == "latents":
-        from .latents import LATENTS_COLUMN
-
         column = data_cfg.get("image_column")
         return (LATENTS_COLUMN if column in (None, "image") else column), data_cfg.get("label_column")
     return data_cfg.get("image_column") or "image", data_cfg.get("label_column")
@@ -193,10 +186,6 @@ def _check_labels(ds, label_column: str | None, model_cfg: dict) -> None:
 
 def _check_latent_dataset(ds, column: str, label_column: str | None, data_cfg: dict, model_cfg: dict) -> int:
     """Checks of a latent dataset: moments of ``in_channels`` latent channels at the model's ``sample_size``."""
-    import datasets
-
-    from .latents import read_latent_info
-
     feature = ds.features[column]
     if not isinstance(feature, datasets.Array3D):
         raise ValueError(
@@ -242,9 +231,7 @@ def check_dataset(ds, data_cfg: dict, model_cfg: dict, source: str) -> int:
     Raises:
         ValueError: naming the problem (and the file, for a corrupt image).
     """
-    import datasets
-
-    image_column, label_column = _columns_for(source, data_cfg)
+    image_column, label_column = dataset_columns(source, data_cfg)
     if image_column not in ds.column_names:
         raise ValueError(
             f"the dataset has no image column {image_column!r}; its columns are {ds.column_names} (set --image_column)"
@@ -299,123 +286,11 @@ def check_dataset(ds, data_cfg: dict, model_cfg: dict, source: str) -> int:
     return resolution
 
 
-def image_to_array(image: Image.Image, resolution: int | None, channels: int) -> np.ndarray:
-    """PIL image → float32 array (C, H, W) in [-1, 1]; resized (shorter side) and centre-cropped to ``resolution``."""
-    image = image.convert("L" if channels == 1 else "RGB")
-    if resolution is not None and image.size != (resolution, resolution):
-        w, h = image.size
-        scale = resolution / min(w, h)
-        new_size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-        image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
-        left = (new_size[0] - resolution) // 2
-        top = (new_size[1] - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return array.transpose(2, 0, 1) / 127.5 - 1.0
-
-
-class EDM2ImageDataset(torch.utils.data.Dataset):
-    """A map-style torch dataset over a ``datasets.Dataset``: ``{"pixel_values", "class_labels"?, "index"}``.
-
-    Args:
-        hf_dataset (`datasets.Dataset`): the source.
-        image_column (`str`), label_column (`str`, *optional*): columns to read.
-        resolution (`int`, *optional*): resize/crop size; ``None`` keeps images as stored.
-        channels (`int`): 1 (grey) or 3 (RGB).
-    """
-
-    def __init__(self, hf_dataset, image_column: str, label_column: str | None, resolution: int | None, channels: int):
-        columns = [image_column] + ([label_column] if label_column else [])
-        self.dataset = hf_dataset.select_columns(columns)
-        self.image_column = image_column
-        self.label_column = label_column
-        self.resolution = resolution
-        self.channels = channels
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _item(self, image, label, index: int) -> dict:
-        item = {
-            "pixel_values": torch.from_numpy(image_to_array(image, self.resolution, self.channels)),
-            "index": index,
-        }
-        if self.label_column:
-            item["class_labels"] = int(label)
-        return item
-
-    def __getitem__(self, index: int) -> dict:
-        row = self.dataset[int(index)]
-        return self._item(row[self.image_column], row.get(self.label_column), int(index))
-
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        # Batched read: one Arrow access per batch instead of one per image.
-        rows = self.dataset[[int(i) for i in indices]]
-        labels = rows[self.label_column] if self.label_column else [None] * len(indices)
-        return [self._item(img, lab, int(i)) for img, lab, i in zip(rows[self.image_column], labels, indices)]
-
-
-class EDM2LatentDataset(torch.utils.data.Dataset):
-    """A map-style torch dataset over a latent ``datasets.Dataset``: ``{"latent_moments", "class_labels"?, "index"}``.
-
-    Rows hold the VAE posterior's mean and std (2C channels); the training loop draws the latent from them inside
-    its seeded micro-step (:meth:`~edm2_diffusers.training.latents.LatentStandardizer.sample`), so a resumed run
-    draws the same latents.
-
-    Args:
-        hf_dataset (`datasets.Dataset`): the source.
-        column (`str`), label_column (`str`, *optional*): columns to read.
-    """
-
-    def __init__(self, hf_dataset, column: str, label_column: str | None):
-        columns = [column] + ([label_column] if label_column else [])
-        self.dataset = hf_dataset.select_columns(columns).with_format("numpy")
-        self.column = column
-        self.label_column = label_column
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        rows = self.dataset[[int(i) for i in indices]]
-        moments = torch.from_numpy(np.asarray(rows[self.column], dtype=np.float32))
-        items = [{"latent_moments": m, "index": int(i)} for m, i in zip(moments, indices)]
-        if self.label_column:
-            for item, label in zip(items, rows[self.label_column]):
-                item["class_labels"] = int(label)
-        return items
-
-
-def build_image_dataset(ds, data_cfg: dict, model_cfg: dict, source: str, resolution: int):
-    """The torch dataset the training loop reads, from a checked ``datasets.Dataset``."""
-    image_column, label_column = _columns_for(source, data_cfg)
-    if source == "latents":
-        return EDM2LatentDataset(ds, image_column, label_column)
-    return EDM2ImageDataset(
-        ds, image_column, label_column, resolution=resolution, channels=model_cfg.get("in_channels", 3)
-    )
-
-
-def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flip each image horizontally with probability ½, drawing from ``generator``."""
-    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-
-
 __all__ = [
-    "EDM2ImageDataset",
-    "EDM2LatentDataset",
-    "build_image_dataset",
     "check_dataset",
-    "image_to_array",
+    "dataset_columns",
     "is_saved_dataset",
     "load_digits_dataset",
     "load_train_dataset",
-    "random_flip",
     "resolve_source",
 ]

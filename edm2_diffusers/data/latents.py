@@ -2,9 +2,9 @@
 
 Images are encoded once. Each row keeps the VAE posterior's per-pixel mean and standard deviation (2·C channels, mean
 first) rather than one latent, so that training can draw a fresh latent z = mean + std·ε every time it reads the row.
-The drawn latent is then standardized per channel to std 0.5 = σ_data. Standardizing and undoing it are the pipeline's
-own functions (:func:`~edm2_diffusers.pipelines.pipeline_edm2.standardize_latents` and ``unstandardize_latents``):
-what training feeds the model and what :class:`~edm2_diffusers.EDM2Pipeline` decodes use one formula.
+The drawn latent is then standardized per channel to std 0.5 = σ_data by
+:class:`edm2_diffusers.latents.LatentStandardizer`: what training feeds the model and what
+:class:`~edm2_diffusers.EDM2Pipeline` decodes use one formula.
 
 As in EDM2, the VAE sees images in [0, 1] (not Stable Diffusion's [−1, 1]); the default per-channel statistics are the
 ones EDM2 measured for ``stabilityai/sd-vae-ft-mse`` on such inputs. The encoder also measures the statistics of the
@@ -22,120 +22,21 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+import datasets
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from tqdm.auto import tqdm
 
-from ..pipelines.pipeline_edm2 import (
-    LATENT_FINAL_STD,
-    SD_VAE_LATENT_MEAN,
-    SD_VAE_LATENT_STD,
-    standardize_latents,
-    unstandardize_latents,
-)
+from ..latents import LatentStandardizer
 
 logger = logging.getLogger(__name__)
 
 LATENT_INFO_KEY = "edm2_latents"
-RUN_LATENT_INFO_NAME = "latent_info.json"  # a latent training run's constants, next to its config.yaml
 LATENTS_COLUMN = "latents"
 LABEL_COLUMN = "label"
 STORAGE_DTYPES = ("float32", "float16")
-
-
-@dataclass(frozen=True)
-class LatentStandardizer:
-    """Per-channel standardization of raw VAE latents: x = (raw − mean)·(final_std / std), and its inverse.
-
-    A thin holder of the constants around the pipeline's :func:`standardize_latents` / :func:`unstandardize_latents`.
-
-    Args:
-        latent_mean (`tuple[float]`): per-channel mean of the raw latents.
-        latent_std (`tuple[float]`): per-channel standard deviation of the raw latents.
-        final_std (`float`): standard deviation of the standardized latents (EDM2: 0.5 = σ_data).
-    """
-
-    latent_mean: tuple[float, ...] = SD_VAE_LATENT_MEAN
-    latent_std: tuple[float, ...] = SD_VAE_LATENT_STD
-    final_std: float = LATENT_FINAL_STD
-
-    def __post_init__(self):
-        mean = tuple(float(v) for v in self.latent_mean)
-        std = tuple(float(v) for v in self.latent_std)
-        if len(mean) != len(std) or not mean:
-            raise ValueError(f"latent_mean ({len(mean)} values) and latent_std ({len(std)}) must have one per channel")
-        if not all(np.isfinite(mean)) or not all(np.isfinite(std)) or min(std) <= 0:
-            raise ValueError(f"latent statistics must be finite with positive std; got mean {mean}, std {std}")
-        if not float(self.final_std) > 0:
-            raise ValueError(f"final_std must be positive, got {self.final_std}")
-        object.__setattr__(self, "latent_mean", mean)
-        object.__setattr__(self, "latent_std", std)
-        object.__setattr__(self, "final_std", float(self.final_std))
-
-    @property
-    def channels(self) -> int:
-        return len(self.latent_mean)
-
-    def standardize(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw latents `(N, C, h, w)` → the model's latents (float32)."""
-        return standardize_latents(raw, self.latent_mean, self.latent_std, self.final_std)
-
-    def unstandardize(self, latents: torch.Tensor) -> torch.Tensor:
-        """The model's latents `(N, C, h, w)` → raw latents for the VAE decoder (float32)."""
-        return unstandardize_latents(latents, self.latent_mean, self.latent_std, self.final_std)
-
-    def sample(
-        self, moments: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
-    ) -> torch.Tensor:
-        """Stored posterior moments `(N, 2C, h, w)` → standardized training latents `(N, C, h, w)`.
-
-        Draws z = mean + std·ε (EDM2 draws anew each time a row is read), then standardizes it.
-
-        Args:
-            moments (`torch.Tensor`): rows of the ``latents`` column: posterior mean and std, concatenated.
-            generator (`torch.Generator`, *optional*): for ε.
-            sample (`bool`): ``False`` uses the posterior mean (no noise).
-        """
-        if moments.ndim != 4 or moments.shape[1] != 2 * self.channels:
-            raise ValueError(
-                f"latent moments must have shape (N, {2 * self.channels}, h, w) (mean and std of {self.channels} "
-                f"channels), got {tuple(moments.shape)}"
-            )
-        mean, std = moments.to(torch.float32).chunk(2, dim=1)
-        raw = mean
-        if sample:
-            raw = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return self.standardize(raw)
-
-    def pipeline_kwargs(self) -> dict:
-        """Keyword arguments of :class:`~edm2_diffusers.EDM2Pipeline` that decode with these constants."""
-        return {
-            "latent_mean": list(self.latent_mean),
-            "latent_std": list(self.latent_std),
-            "latent_final_std": self.final_std,
-        }
-
-    @classmethod
-    def from_pipeline(cls, pipeline) -> LatentStandardizer:
-        """The constants an :class:`~edm2_diffusers.EDM2Pipeline` decodes with."""
-        c = pipeline.config
-        if c.latent_mean is None or c.latent_std is None:
-            raise ValueError("the pipeline has no latent statistics (it is a pixel-space pipeline)")
-        return cls(tuple(c.latent_mean), tuple(c.latent_std), c.latent_final_std)
-
-    def to_dict(self) -> dict:
-        return {
-            "latent_mean": list(self.latent_mean),
-            "latent_std": list(self.latent_std),
-            "final_std": self.final_std,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LatentStandardizer:
-        return cls(tuple(d["latent_mean"]), tuple(d["latent_std"]), d.get("final_std", LATENT_FINAL_STD))
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -216,8 +117,6 @@ class LatentStatistics:
 
 
 def _label_feature(dataset, label_column: str | None):
-    import datasets
-
     if label_column is None:
         return None
     if label_column not in dataset.column_names:
@@ -264,8 +163,6 @@ def build_latent_dataset(
         `datasets.Dataset`: ``latents`` `(2C, h, w)` per row (posterior mean, then std) and ``label``; the
         constants are in ``info.description`` (see :func:`read_latent_info`).
     """
-    import datasets
-
     if image_column not in dataset.column_names:
         raise ValueError(f"the dataset has no image column {image_column!r}; its columns are {dataset.column_names}")
     if not isinstance(dataset.features[image_column], datasets.Image):
@@ -297,22 +194,15 @@ def build_latent_dataset(
     source = dataset.select_columns(columns)
 
     def rows():
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(source), desc="encoding", unit="img")
-        for batch in source.iter(batch_size=batch_size):
-            moments = encode_images(vae, images_to_tensor(batch[image_column], resolution))
-            stats.update(moments)
-            stored = moments.numpy().astype(np_dtype)
-            labels = batch[label_column] if label_column else [None] * len(stored)
-            for row, label in zip(stored, labels):
-                yield {LATENTS_COLUMN: row} if label_column is None else {LATENTS_COLUMN: row, LABEL_COLUMN: label}
-            if bar is not None:
+        with tqdm(total=len(source), desc="encoding", unit="img", disable=not progress) as bar:
+            for batch in source.iter(batch_size=batch_size):
+                moments = encode_images(vae, images_to_tensor(batch[image_column], resolution))
+                stats.update(moments)
+                stored = moments.numpy().astype(np_dtype)
+                labels = batch[label_column] if label_column else [None] * len(stored)
+                for row, label in zip(stored, labels):
+                    yield {LATENTS_COLUMN: row} if label_column is None else {LATENTS_COLUMN: row, LABEL_COLUMN: label}
                 bar.update(len(stored))
-        if bar is not None:
-            bar.close()
 
     # A fresh fingerprint: never reuse a cached encoding of another VAE or image set.
     latents = datasets.Dataset.from_generator(
@@ -378,8 +268,6 @@ def load_latent_dataset(path: str | os.PathLike):
     Raises:
         FileNotFoundError: no such folder.
     """
-    import datasets
-
     if not os.path.isdir(path):
         raise FileNotFoundError(f"latent dataset folder {os.fspath(path)!r} does not exist")
     ds = datasets.load_from_disk(os.fspath(path))
@@ -388,52 +276,9 @@ def load_latent_dataset(path: str | os.PathLike):
     return ds, read_latent_info(ds)
 
 
-def write_run_latent_info(output_dir: str | os.PathLike, info: dict) -> str:
-    """Record a latent run's standardization constants as ``output_dir/latent_info.json`` (atomically).
-
-    The export reads them back (:func:`read_run_latent_info`) and gives them to the pipeline, so a pipeline decodes
-    with the constants its model was trained with.
-
-    Args:
-        output_dir (`str` or `os.PathLike`): the run folder.
-        info (`dict`): :func:`read_latent_info` of the training dataset.
-    """
-    record = {k: v for k, v in info.items() if k != "standardizer"}
-    record.update(info["standardizer"].to_dict())
-    path = os.path.join(os.fspath(output_dir), RUN_LATENT_INFO_NAME)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_run_latent_info(run_dir: str | os.PathLike) -> dict | None:
-    """The constants a latent run recorded (``latent_mean``, ``latent_std``, ``final_std``, ...), ``None`` for a
-    pixel-space run.
-
-    Raises:
-        ValueError: the file exists but does not hold valid constants.
-    """
-    path = os.path.join(os.fspath(run_dir), RUN_LATENT_INFO_NAME)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-        LatentStandardizer.from_dict(info)  # validates
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} does not hold latent standardization constants: {err}") from None
-    info.setdefault("final_std", LATENT_FINAL_STD)
-    return info
-
-
 __all__ = [
     "LATENTS_COLUMN",
     "LATENT_INFO_KEY",
-    "RUN_LATENT_INFO_NAME",
-    "LatentStandardizer",
     "LatentStatistics",
     "build_latent_dataset",
     "center_crop",
@@ -441,7 +286,5 @@ __all__ = [
     "images_to_tensor",
     "load_latent_dataset",
     "read_latent_info",
-    "read_run_latent_info",
     "save_latent_dataset",
-    "write_run_latent_info",
 ]

@@ -1,0 +1,130 @@
+"""Rows of a training dataset as tensors: images in [-1, 1] (numpy and PIL only, no torchvision) or latent moments.
+
+Random horizontal flips are applied per batch in the training loop (:func:`random_flip`) from a seeded generator, so a
+resumed run sees the same flips.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .sources import dataset_columns
+
+
+def image_to_array(image: Image.Image, resolution: int | None, channels: int) -> np.ndarray:
+    """PIL image → float32 array (C, H, W) in [-1, 1]; resized (shorter side) and centre-cropped to ``resolution``."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    if resolution is not None and image.size != (resolution, resolution):
+        w, h = image.size
+        scale = resolution / min(w, h)
+        new_size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+        image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
+        left = (new_size[0] - resolution) // 2
+        top = (new_size[1] - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return array.transpose(2, 0, 1) / 127.5 - 1.0
+
+
+class EDM2ImageDataset(torch.utils.data.Dataset):
+    """A map-style torch dataset over a ``datasets.Dataset``: ``{"pixel_values", "class_labels"?, "index"}``.
+
+    Args:
+        hf_dataset (`datasets.Dataset`): the source.
+        image_column (`str`), label_column (`str`, *optional*): columns to read.
+        resolution (`int`, *optional*): resize/crop size; ``None`` keeps images as stored.
+        channels (`int`): 1 (grey) or 3 (RGB).
+    """
+
+    def __init__(self, hf_dataset, image_column: str, label_column: str | None, resolution: int | None, channels: int):
+        columns = [image_column] + ([label_column] if label_column else [])
+        self.dataset = hf_dataset.select_columns(columns)
+        self.image_column = image_column
+        self.label_column = label_column
+        self.resolution = resolution
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _item(self, image, label, index: int) -> dict:
+        item = {
+            "pixel_values": torch.from_numpy(image_to_array(image, self.resolution, self.channels)),
+            "index": index,
+        }
+        if self.label_column:
+            item["class_labels"] = int(label)
+        return item
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.dataset[int(index)]
+        return self._item(row[self.image_column], row.get(self.label_column), int(index))
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        # Batched read: one Arrow access per batch instead of one per image.
+        rows = self.dataset[[int(i) for i in indices]]
+        labels = rows[self.label_column] if self.label_column else [None] * len(indices)
+        return [self._item(img, lab, int(i)) for img, lab, i in zip(rows[self.image_column], labels, indices)]
+
+
+class EDM2LatentDataset(torch.utils.data.Dataset):
+    """A map-style torch dataset over a latent ``datasets.Dataset``: ``{"latent_moments", "class_labels"?, "index"}``.
+
+    Rows hold the VAE posterior's mean and std (2C channels); the training loop draws the latent from them inside
+    its seeded micro-step (:meth:`~edm2_diffusers.training.latents.LatentStandardizer.sample`), so a resumed run
+    draws the same latents.
+
+    Args:
+        hf_dataset (`datasets.Dataset`): the source.
+        column (`str`), label_column (`str`, *optional*): columns to read.
+    """
+
+    def __init__(self, hf_dataset, column: str, label_column: str | None):
+        columns = [column] + ([label_column] if label_column else [])
+        self.dataset = hf_dataset.select_columns(columns).with_format("numpy")
+        self.column = column
+        self.label_column = label_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        rows = self.dataset[[int(i) for i in indices]]
+        moments = torch.from_numpy(np.asarray(rows[self.column], dtype=np.float32))
+        items = [{"latent_moments": m, "index": int(i)} for m, i in zip(moments, indices)]
+        if self.label_column:
+            for item, label in zip(items, rows[self.label_column]):
+                item["class_labels"] = int(label)
+        return items
+
+
+def build_image_dataset(ds, data_cfg: dict, model_cfg: dict, source: str, resolution: int):
+    """The torch dataset the training loop reads, from a checked ``datasets.Dataset``."""
+    image_column, label_column = dataset_columns(source, data_cfg)
+    if source == "latents":
+        return EDM2LatentDataset(ds, image_column, label_column)
+    return EDM2ImageDataset(
+        ds, image_column, label_column, resolution=resolution, channels=model_cfg.get("in_channels", 3)
+    )
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image horizontally with probability ½, drawing from ``generator``."""
+    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+__all__ = [
+    "EDM2ImageDataset",
+    "EDM2LatentDataset",
+    "build_image_dataset",
+    "image_to_array",
+    "random_flip",
+]
