@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .power import solve_posthoc_coefficients
-from .snapshots import SnapshotInfo, list_snapshots, load_snapshot  # noqa: F401  (load_snapshot: the one reader)
+from .snapshots import SnapshotInfo, list_snapshots, load_snapshot
 
 
 @dataclass
