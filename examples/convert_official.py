@@ -21,7 +21,7 @@ import argparse
 
 import torch
 
-from edm2_diffusers.convert.official_pickle import convert_official_pipeline, save_converted_pipeline
+from edm2_diffusers.convert import convert_official_pipeline, save_converted_pipeline
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
