@@ -4,8 +4,12 @@ The pickles are written by the tests themselves, the way the official training c
 (``official_pickles.py``).
 """
 
+import importlib.util
 import io
 import json
+import os
+import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from conftest import tiny_unet_config, tiny_vae
 from official_pickles import (
     EasyDict,
     EDM2Loss,
+    Payload,
     StabilityVAEEncoder,
     build_precond,
     dump_official,
@@ -155,8 +160,6 @@ def test_clear_errors_for_unusable_pickles(tmp_path):
 
 
 def _load_script():
-    import importlib.util
-
     path = Path(__file__).resolve().parents[1] / "examples" / "convert_official.py"
     spec = importlib.util.spec_from_file_location("convert_official_script", path)
     module = importlib.util.module_from_spec(spec)
@@ -240,3 +243,69 @@ def test_pipeline_conversion_errors(tmp_path):
     with pytest.raises(ValueError, match="not a pipeline folder"):
         save_converted_pipeline(convert_official_pipeline(pkl), unrelated, overwrite=True)
     assert (unrelated / "keep.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every refusal of the script is one line naming the problem and the file, exit status 1, nothing written.
+
+
+def _bad_input(tmp_path, case: str):
+    """``(argv, the file the message must name, a fragment of the message)`` for one kind of bad input."""
+    good = write_pickle(tmp_path / "good.pkl", random_unet(0))
+    bad, out = tmp_path / f"{case}.pkl", str(tmp_path / "pipe")
+    if case == "missing":
+        return [str(bad), out], bad, "network pickle not found"
+    if case == "folder":
+        bad.mkdir()
+        return [str(bad), out], bad, "(it is a folder)"
+    if case == "not-out-dir":  # an existing folder with someone's file in it
+        (tmp_path / "pipe").mkdir()
+        (tmp_path / "pipe" / "keep.txt").write_text("mine")
+        return [str(good), out], tmp_path / "pipe", "exists and is not empty"
+    blobs = {
+        "json": (b'{"ema": 1}', "b'{' at offset 0 is not a pickle opcode"),
+        "truncated": (good.read_bytes()[:-100], "could not read the network pickle"),
+        "unsafe": (pickle.dumps({"ema": Payload(os.system, f"touch {tmp_path / 'ran'}")}), "refusing to load global"),
+        "huge": (b"\x80\x04\x8e" + (1 << 30).to_bytes(8, "little") + b"abc", "declares 1073741824 bytes"),
+        "deep": (b"(" * 100_000 + b"l" * 100_000 + b".", "nests its data"),
+        "no-network": (dump_official(EasyDict(net=1)), "the pickle has no 'ema' entry"),
+        "unsafe-guidance": (pickle.dumps({"ema": Payload(os.system, "true")}), "refusing to load global"),
+    }
+    if case == "zip":
+        torch.save({"ema": torch.zeros(2)}, bad)
+        return [str(bad), out], bad, "zip archive (as torch.save writes)"
+    blob, fragment = blobs[case]
+    bad.write_bytes(blob)
+    if case == "unsafe-guidance":
+        return [str(good), out, "--guidance", str(bad), "--guidance_scale", "1.5"], bad, fragment
+    return [str(bad), out], bad, fragment
+
+
+_CASES = ["missing", "folder", "json", "zip", "truncated", "unsafe", "huge", "deep", "no-network", "unsafe-guidance"]
+
+
+@pytest.mark.parametrize("case", [*_CASES, "not-out-dir"])
+def test_script_refusals_are_one_line_naming_the_file(tmp_path, capsys, case):
+    argv, named, fragment = _bad_input(tmp_path, case)
+    assert _load_script().cli(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith("convert_official.py: error: ")
+    assert str(named) in captured.err and fragment in captured.err, captured.err
+    if case == "not-out-dir":
+        assert [p.name for p in (tmp_path / "pipe").iterdir()] == ["keep.txt"]
+    else:
+        assert not (tmp_path / "pipe").exists()
+    assert not (tmp_path / "ran").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
+
+
+def test_script_refusal_from_the_command_line(tmp_path):
+    argv, named, _ = _bad_input(tmp_path, "unsafe")
+    script = Path(__file__).resolve().parents[1] / "examples" / "convert_official.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    result = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"{named}: refusing to load global '{os.system.__module__}.system'" in result.stderr
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "pipe").exists()

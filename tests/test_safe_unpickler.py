@@ -7,9 +7,12 @@ The pickles are written by the tests themselves (see ``official_pickles.py``) or
 import io
 import os
 import pickle
+import re
 import shlex
+import struct
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ from official_pickles import (
 from torch import nn
 
 from edm2_diffusers.convert.official_network import load_official_network
-from edm2_diffusers.convert.safe_unpickler import UnsafePickleError, load_official_pickle
+from edm2_diffusers.convert.safe_unpickler import MAX_NESTING, UnsafePickleError, load_official_pickle
 
 
 def test_tensor_geometry_and_dtypes_survive():
@@ -154,3 +157,106 @@ def test_lookalike_persistence_function_is_refused():
         blob = pickle.dumps(Payload(persistence._src_to_module, "import os"))
     with pytest.raises(UnsafePickleError, match=r"'torch_utils\.persistence\._src_to_module'"):
         load_official_pickle(io.BytesIO(blob))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Nor can a file exhaust memory or the stack: each refusal is named, names the file, and comes before the allocation.
+
+_GIB = 1 << 30
+
+
+def _u64(n: int) -> bytes:
+    return struct.pack("<Q", n)
+
+
+def _storage_blob(numel: int, data: bytes) -> bytes:
+    """A torch legacy-format storage whose record declares ``numel`` float32 elements and holds ``data``."""
+    main = (  # ('storage', torch.FloatStorage, '0', 'cpu', numel, None) as a persistent id, protocol 2
+        b"\x80\x02(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
+        + pickle.dumps(numel, protocol=2)[2:-1]
+        + b"NtQ."
+    )
+    head = pickle.dumps(0x1950A86A20F9469CFC6C) + pickle.dumps(1001)
+    head += pickle.dumps({"protocol_version": 1001, "little_endian": True, "type_sizes": {}})
+    return head + main + pickle.dumps(["0"]) + struct.pack("<q", numel) + data
+
+
+def _refused_before_allocating(path, match: str) -> str:
+    """Load ``path``, expect :class:`UnsafePickleError` matching ``match``, and return its message; the load may
+    allocate no more than 16 MiB of Python memory on the way."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnsafePickleError, match=match) as err:
+            load_official_pickle(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated before the refusal"
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "blob, declared",
+    [
+        (b"\x80\x04\x8e" + _u64(_GIB) + b"abc", "a BINBYTES8 at byte 2 declares 1073741824 bytes but only 3 follow"),
+        (b"\x80\x04\x8d" + _u64(_GIB) + b"abc", "a BINUNICODE8 at byte 2 declares 1073741824 bytes"),
+        (b"\x80\x05\x96" + _u64(_GIB) + b"abc", "a BYTEARRAY8 at byte 2 declares 1073741824 bytes"),
+        (b"\x80\x03B" + struct.pack("<I", _GIB) + b"abc.", "a BINBYTES at byte 2 declares 1073741824 bytes"),
+        (b"\x80\x04\x95" + _u64(_GIB) + b"N.", "a frame declares 1073741824 bytes but only 2 follow"),
+        (b"\x80\x02Nr" + struct.pack("<I", 1 << 24) + b".", "memo slot 16777216 skips ahead of the 0 stored"),
+        (pickle.dumps(LoadFromBytes(_storage_blob(1 << 40, b"\0" * 4))), "declares 1099511627776 elements"),
+        (pickle.dumps(LoadFromBytes(b"\x80\x04\x8e" + _u64(_GIB) + b"abc")), "a tensor storage: a BINBYTES8"),
+    ],
+    ids=["binbytes8", "binunicode8", "bytearray8", "binbytes", "frame", "memo", "storage-size", "inside-storage"],
+)
+def test_declared_sizes_beyond_the_data_are_refused_before_allocating(tmp_path, blob, declared):
+    path = tmp_path / "huge.pkl"
+    path.write_bytes(blob)
+    _refused_before_allocating(path, re.escape(declared))
+
+
+def test_tensor_reaching_beyond_its_storage_is_refused(tmp_path):
+    path = tmp_path / "stride0.pkl"
+    path.write_bytes(dump_official({"ema": torch.zeros(1).expand(1 << 40)}))  # 4 TiB of float32 over 4 bytes
+    message = _refused_before_allocating(path, "reaches beyond its storage of 1 elements")
+    assert "size (1099511627776,), stride (0,)" in message
+    storage = LoadFromBytes(_storage_blob(6, bytes(24)))
+    for blob in (
+        dump_official({"t": torch.zeros(2, 3)[:, :1].expand(2, 7)}),  # 14 elements over 6
+        pickle.dumps(Payload(torch._utils._rebuild_tensor_v2, storage, 4, (2,), (3,), False, None)),  # ends at 7
+    ):
+        with pytest.raises(UnsafePickleError, match="reaches beyond its storage of 6 elements"):
+            load_official_pickle(io.BytesIO(blob))
+    broadcast = load_official_pickle(io.BytesIO(dump_official({"t": torch.arange(6.0)[2:3].expand(4)})))["t"]
+    assert torch.equal(broadcast, torch.full((4,), 2.0))  # a stride-0 view within its storage still loads
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"(" * 100_000 + b"l" * 100_000 + b".",  # lists in lists
+        b"}" + b"(" * 100_000 + b"t" * 100_000 + b"K\x01s.",  # a dict keyed by tuples in tuples (hashing recurses)
+    ],
+    ids=["lists", "tuple-key"],
+)
+def test_deep_nesting_is_refused_by_name(tmp_path, blob):
+    path = tmp_path / "deep.pkl"
+    path.write_bytes(blob)
+    with pytest.raises(UnsafePickleError, match="nests its data") as err:
+        load_official_pickle(path)
+    assert str(err.value).startswith(f"{path}: ")
+    nested = [[]]
+    for _ in range(MAX_NESTING - 3):
+        nested = [nested]
+    assert load_official_pickle(io.BytesIO(pickle.dumps(nested))) == nested  # up to the limit, data loads
+
+
+def test_a_sub_module_placed_twice_is_refused():
+    # 2**40 paths through 40 shared levels: flattening this tree's state dict would never end.
+    node = nn.ModuleDict({"leaf": nn.ModuleDict()})
+    for _ in range(40):
+        node = nn.ModuleDict({"a": node, "b": node})
+    with pytest.raises(UnsafePickleError, match="'ModuleDict' is placed twice"):
+        load_official_pickle(io.BytesIO(dump_official({"ema": node})))

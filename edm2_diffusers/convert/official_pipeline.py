@@ -78,7 +78,8 @@ def _read_network(path_or_file, torch_dtype: torch.dtype):
         unet = _cast(from_official(network.state_dict, network.config), torch_dtype)
         return network, unet, official_latent_encoder(data)
     except ValueError as err:
-        raise ValueError(f"{_source_name(path_or_file)}: {err}") from err
+        where = os.fspath(path_or_file) if isinstance(path_or_file, (str, os.PathLike)) else _source_name(path_or_file)
+        raise ValueError(f"{where}: {err}") from err
 
 
 def convert_official_pipeline(
