@@ -355,7 +355,7 @@ class _Finalizer:
         if depth >= MAX_NESTING:
             raise UnsafePickleError(f"the pickle nests its data more than {MAX_NESTING} levels deep; refusing it")
         if isinstance(obj, (dict, list)):  # registered before their items, so that they may contain themselves
-            out = self.memo[key] = type(obj)() if type(obj) in (dict, OrderedDict, list) else {}
+            out = self.memo[key] = [] if isinstance(obj, list) else type(obj)() if type(obj) is OrderedDict else {}
             if isinstance(obj, list):
                 out.extend(self(v, depth + 1) for v in obj)
             else:
@@ -396,7 +396,7 @@ class _Finalizer:
 
 
 def _named(err: ValueError, source: str | None) -> ValueError:
-    """``err`` with the file it is about at the front of its message."""
+    """``err`` with the file it is about (when known) at the front of its message."""
     if source is None:
         return err
     cls = type(err) if type(err) in (ValueError, UnsafePickleError) else ValueError
@@ -424,6 +424,8 @@ def _load(f, source: str | None):
         message = f"reading the pickle ran out of memory ({type(err).__name__}: {err}); refusing it"
         raise _named(UnsafePickleError(message), source) from None
     except ValueError as err:  # UnsafePickleError included
+        if source is None:
+            raise
         raise _named(err, source) from err
     except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError, OverflowError) as err:
         raise _named(ValueError(f"could not read the network pickle: {type(err).__name__}: {err}"), source) from err
