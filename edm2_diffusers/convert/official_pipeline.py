@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,8 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
+from ..files import staged_folder
+from ..latents import load_vae
 from ..pipelines import EDM2Pipeline
 from ..schedulers import EDMHeunScheduler
 from .official import from_official
@@ -143,10 +143,9 @@ def convert_official_pipeline(
             raise ValueError("a VAE was given, but the network works on pixels (its pickle has no latent encoder)")
         if not isinstance(vae, AutoencoderKL):
             info["vae"] = os.fspath(vae) if vae_subfolder is None else f"{os.fspath(vae)}/{vae_subfolder}"
-            vae = AutoencoderKL.from_pretrained(os.fspath(vae), subfolder=vae_subfolder)
         else:
             info["vae"] = getattr(vae.config, "_name_or_path", None) or "AutoencoderKL"
-        vae = _cast(vae, torch_dtype).eval()
+        vae = _cast(load_vae(vae, subfolder=vae_subfolder, what="the VAE"), torch_dtype).eval()
 
     pipeline = EDM2Pipeline(
         unet=unet, scheduler=EDMHeunScheduler(), guidance_unet=guidance_unet, vae=vae, **latent_kwargs
@@ -213,20 +212,8 @@ def save_converted_pipeline(converted: ConvertedOfficialPipeline, out_dir, overw
             raise ValueError(
                 f"refusing to overwrite {out}: it holds no model_index.json, so it is not a pipeline folder"
             )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with staged_folder(out) as staging:
         converted.pipeline.save_pretrained(staging, safe_serialization=True)
         (staging / CONVERSION_INFO_NAME).write_text(json.dumps(converted.info, indent=2) + "\n")
         (staging / "README.md").write_text(_conversion_readme(converted.info))
-        if out.exists():
-            old = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out
