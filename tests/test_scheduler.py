@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -350,7 +351,7 @@ def test_scheduler_config_is_strict_json(tmp_path, s_tmax):
     EDMHeunScheduler(s_churn=3.0, s_tmax=s_tmax).save_pretrained(tmp_path)
     text = (tmp_path / "scheduler_config.json").read_text()
     stored = json.loads(text, parse_constant=_strict)
-    assert stored["s_tmax"] == (None if s_tmax == math.inf else s_tmax)
+    assert stored["s_tmax"] == (sys.float_info.max if s_tmax == math.inf else s_tmax)  # finite, so old readers work
     loaded = EDMHeunScheduler.from_pretrained(tmp_path)
     assert loaded.config.s_tmax == s_tmax
     torch.testing.assert_close(loaded.gammas, EDMHeunScheduler(s_churn=3.0, s_tmax=s_tmax).gammas)
@@ -366,6 +367,7 @@ def test_old_configs_with_infinity_still_load(tmp_path):
     loaded = EDMHeunScheduler.from_pretrained(tmp_path)
     assert loaded.config.s_tmax == math.inf and loaded.config.s_churn == 2.0
     assert EDMHeunScheduler(s_tmax=None).config.s_tmax == math.inf
+    assert EDMHeunScheduler(s_tmax=sys.float_info.max).config.s_tmax == math.inf
     loaded.save_pretrained(tmp_path / "again")
     json.loads((tmp_path / "again" / "scheduler_config.json").read_text(), parse_constant=_strict)
 

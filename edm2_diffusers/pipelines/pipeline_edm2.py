@@ -14,19 +14,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DiffusionPipeline,
-    EDMDPMSolverMultistepScheduler,
-    EDMEulerScheduler,
-    ImagePipelineOutput,
-)
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
-
-from ..schedulers.scheduling_edm_heun import EDMHeunScheduler
 
 # Per-channel statistics of the raw latents of the Stable Diffusion VAE (`stabilityai/sd-vae-ft-mse`) on images in
 # [0, 1], as used by EDM2's ImageNet latent models; standardized latents get std `final_std` = 0.5 = σ_data.
@@ -135,8 +127,9 @@ class EDM2Pipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet->guidance_unet->vae"
     _optional_components = ["guidance_unet", "vae"]
     _callback_tensor_inputs = ["latents"]
-    # Schedulers whose `timesteps` are EDM's c_noise = ¼·ln σ and whose `step` takes the raw network output F.
-    _edm_schedulers = (EDMHeunScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler)
+    # Schedulers whose `timesteps` are EDM's c_noise = ¼·ln σ and whose `step` takes the raw network output F. Matched
+    # by class name (subclasses too), so a copy of EDMHeunScheduler bundled with an export as remote code counts.
+    _edm_schedulers = ("EDMHeunScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
     DEFAULT_NUM_INFERENCE_STEPS = 32  # used when neither the call nor the pipeline's config gives a step count
 
     def __init__(
@@ -190,10 +183,14 @@ class EDM2Pipeline(DiffusionPipeline):
         self._interrupt = False
         self._guidance_scale = None
 
+    @staticmethod
+    def _is_a(obj, class_names) -> bool:
+        return any(c.__name__ in class_names for c in type(obj).__mro__)
+
     @classmethod
     def _check_scheduler(cls, scheduler):
-        if not isinstance(scheduler, cls._edm_schedulers):
-            names = ", ".join(c.__name__ for c in cls._edm_schedulers)
+        if not cls._is_a(scheduler, cls._edm_schedulers):
+            names = ", ".join(cls._edm_schedulers)
             raise ValueError(
                 f"EDM2Pipeline needs an EDM scheduler ({names}): one whose timesteps are c_noise = ln(sigma)/4 and "
                 f"whose step takes the raw EDM network output; got {type(scheduler).__name__}"
@@ -281,7 +278,7 @@ class EDM2Pipeline(DiffusionPipeline):
         if sigmas is None:
             self.scheduler.set_timesteps(num_inference_steps, device=device)
             return
-        if not isinstance(self.scheduler, EDMHeunScheduler):
+        if not self._is_a(self.scheduler, ("EDMHeunScheduler",)):
             # diffusers' EDMEulerScheduler reads `sigmas` as a ramp in [0, 1], not as noise levels.
             raise ValueError(
                 f"sigmas= (a custom noise-level schedule) needs EDMHeunScheduler; {type(self.scheduler).__name__} "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,9 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         rho (`float`, defaults to 7.0): ρ of the schedule σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ.
         s_churn (`float`, defaults to 0.0): total stochasticity S_churn; 0 gives the deterministic sampler.
         s_tmin (`float`, defaults to 0.0), s_tmax (`float`, defaults to inf): noise range where churn is applied.
-            ``scheduler_config.json`` stores an infinite ``s_tmax`` as ``null`` (strict JSON); ``None`` reads as ∞.
+            ``scheduler_config.json`` is strict JSON, so an infinite ``s_tmax`` is stored as the largest float
+            (1.7976931348623157e+308, which any σ stays below, so older readers sample the same); that value and
+            ``None`` read back as ∞.
         s_noise (`float`, defaults to 1.0): std multiplier S_noise of the churn noise.
         prediction_type (`str`, defaults to ``"epsilon"``): what ``model_output`` is. ``"epsilon"`` is the raw EDM
             network output F (diffusers' EDM schedulers use this name for it, so their configs load into each other),
@@ -109,7 +112,7 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
                 f"prediction_type must be 'epsilon' (raw EDM network output), 'v_prediction' or 'sample', "
                 f"got {prediction_type!r}"
             )
-        if s_tmax is None:  # strict-JSON spelling of S_tmax = ∞ (see `to_json_string`)
+        if s_tmax is None or s_tmax >= sys.float_info.max:  # strict-JSON spellings of S_tmax = ∞ (`to_json_string`)
             s_tmax = math.inf
             self.register_to_config(s_tmax=s_tmax)
         if math.isnan(s_tmax) or math.isnan(s_tmin) or s_tmax == -math.inf:
@@ -368,13 +371,13 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         return original_samples + noise * sigma
 
     def to_json_string(self) -> str:
-        """The config as strict JSON: an infinite ``s_tmax`` is written as ``null`` (``Infinity`` is not JSON).
+        """The config as strict JSON: an infinite ``s_tmax`` is written as the largest float (no ``Infinity``).
 
         Configs written before, with ``"s_tmax": Infinity``, still load (diffusers reads them with Python's json).
         """
         config = json.loads(super().to_json_string())
         if config.get("s_tmax") == math.inf:
-            config["s_tmax"] = None
+            config["s_tmax"] = sys.float_info.max
         return json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
     def __len__(self):
