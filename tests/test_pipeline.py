@@ -387,6 +387,22 @@ def test_callback_on_step_end_sees_every_step_and_can_replace_the_latents():
         pipe(generator=gen(0), callback_on_step_end=record, callback_on_step_end_tensor_inputs=["noise_pred"], **kw)
 
 
+def test_diffusers_pipeline_callback_objects_are_accepted():
+    from diffusers.callbacks import PipelineCallback
+
+    class ZeroAtCutoff(PipelineCallback):  # diffusers' callback class: tensor_inputs name what it reads
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            cutoff = self.config.cutoff_step_index
+            return {"latents": callback_kwargs["latents"] * 0} if step_index == cutoff else callback_kwargs
+
+    pipe = make_pipe()
+    callback = ZeroAtCutoff(cutoff_step_ratio=None, cutoff_step_index=2)
+    out = pipe(1, 2, gen(0), output_type="latent", callback_on_step_end=callback).images
+    assert torch.equal(out, torch.zeros_like(out)) and pipe.num_timesteps == 3
+
+
 def test_interrupt_stops_early():
     pipe = make_pipe()
     counter = CountCalls(pipe.unet)
