@@ -98,6 +98,30 @@ def _select(snapshots: list[SnapshotInfo], step: int | None) -> list[SnapshotInf
     return used
 
 
+def profile_folders(stds) -> dict[float, str]:
+    """The folder name of each EMA std (``ema-0.050``, :meth:`PowerFunctionEMA.label`), duplicates dropped.
+
+    The one place that checks names: reconstruction and the pipeline export both write one folder per std.
+
+    Raises:
+        ValueError: two different stds round to the same folder (names have 3 decimals), which would overwrite one.
+    """
+    from .trackers import PowerFunctionEMA
+
+    folders: dict[float, str] = {}
+    owner: dict[str, float] = {}
+    for std in dict.fromkeys(float(s) for s in stds):
+        name = PowerFunctionEMA.label(std)
+        if name in owner:
+            raise ValueError(
+                f"EMA stds {owner[name]} and {std} share the folder {name}; folders are named to 3 decimals, so one "
+                "would overwrite the other. Give stds that differ in the first 3 decimals"
+            )
+        owner[name] = std
+        folders[std] = name
+    return folders
+
+
 def reconstruct(run_dir: str, stds, step: int | None = None) -> PostHocEMAReconstruction:
     """Reconstruct power-function EMA weights of the given stds at a snapshot step of a run.
 

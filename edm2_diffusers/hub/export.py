@@ -33,6 +33,8 @@ import torch
 import yaml
 from PIL import Image
 
+from ..ema.reconstruct import profile_folders
+from ..run_lock import writes_into
 from .model_card import EXPORT_INFO_NAME, write_model_card
 from .remote_code import write_custom_code
 
@@ -382,15 +384,7 @@ def _resolve_stds(stds, run_dir: Path, sweep_dir) -> tuple[list[float], dict]:
         items = [sweep["std"] if s == "best" else s for s in items]
     else:
         sweep = read_sweep(run_dir, sweep_dir, required=False)
-    stds = list(dict.fromkeys(items))
-    folders = {}
-    for std in stds:
-        name = variant_folder(std)
-        if name in folders:
-            raise ValueError(
-                f"EMA stds {folders[name]} and {std} share the folder {name}; variants are named to 3 decimals"
-            )
-        folders[name] = std
+    stds = list(profile_folders(items))  # refuses stds whose folders would collide
     return stds, sweep
 
 
@@ -432,6 +426,7 @@ def _metrics_for(std: float, known: dict) -> dict:
     return {}
 
 
+@writes_into("output_dir", "run_dir")
 def export_pipelines(
     run_dir: str | os.PathLike,
     stds,
@@ -552,6 +547,7 @@ def export_pipelines(
     )
 
 
+@writes_into("output_dir", "run_dir")
 def export_model(
     run_dir: str | os.PathLike,
     unet,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..models import EDM2UNet2DModel
+from ..run_lock import RunLock
 from . import checkpoint as ckpt
 from .config import dump_config, validate_config
 from .data import build_image_dataset, check_dataset, load_train_dataset, random_flip, resolve_source
@@ -43,7 +44,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class TrainingState:
-    """Counters saved in every checkpoint (registered with ``accelerator.register_for_checkpointing``).
+    """Counters saved in every checkpoint (as ``training_state.json``, see :mod:`.checkpoint`).
 
     Args:
         step (`int`): optimizer steps done.
@@ -186,13 +187,15 @@ def train(cfg: dict, dataset=None, hub_token: str | None = None) -> TrainingResu
     previous_threads = torch.get_num_threads()
     if cfg["training"]["cpu_threads"]:
         torch.set_num_threads(cfg["training"]["cpu_threads"])
+    run_lock = RunLock(cfg["training"]["output_dir"])  # one writer per run folder (edm2_diffusers.run_lock)
     try:
-        return _train(cfg, dataset, hub_token)
+        return _train(cfg, dataset, hub_token, run_lock)
     finally:
+        run_lock.release()
         torch.set_num_threads(previous_threads)
 
 
-def _train(cfg: dict, dataset, hub_token: str | None) -> TrainingResult:
+def _train(cfg: dict, dataset, hub_token: str | None, run_lock: RunLock) -> TrainingResult:
     data_cfg, train_cfg = cfg["data"], cfg["training"]
     output_dir = train_cfg["output_dir"]
     seed = train_cfg["seed"]
@@ -201,6 +204,7 @@ def _train(cfg: dict, dataset, hub_token: str | None) -> TrainingResult:
     main = accelerator.is_main_process
     accum = train_cfg["gradient_accumulation_steps"]
     per_device, global_batch = _batch_sizes(train_cfg, accelerator.num_processes)
+    run_lock.take(accelerator, create=False)  # an existing run folder: before reading its checkpoints
 
     # --- the model, and the checkpoint to resume from (checked before anything is written) ---
     torch.manual_seed(seed)
@@ -257,13 +261,11 @@ def _train(cfg: dict, dataset, hub_token: str | None) -> TrainingResult:
     else:
         max_steps = max(1, train_cfg["num_epochs"] * batches_per_epoch // accum)
 
-    state = TrainingState(batches_per_epoch=batches_per_epoch)
-    accelerator.register_for_checkpointing(state)
-    if ema is not None and main:
-        accelerator.register_for_checkpointing(ema)
+    state = TrainingState(batches_per_epoch=batches_per_epoch)  # saved as JSON and the EMA as safetensors by ckpt
     if not main:
         ema = None  # EMA, sample grids and snapshots live on the main process
 
+    run_lock.take(accelerator)  # a new run folder: created here, locked before anything else is written
     if main:
         os.makedirs(output_dir, exist_ok=True)
         if resume_dir is None:
@@ -275,7 +277,10 @@ def _train(cfg: dict, dataset, hub_token: str | None) -> TrainingResult:
             write_run_latent_info(output_dir, latent_info)
     accelerator.wait_for_everyone()
     if resume_dir is not None:
-        accelerator.load_state(resume_dir)
+        accelerator.load_state(resume_dir)  # every file was checked by ckpt.verify_checkpoint
+        state.load_state_dict(ckpt.read_state(resume_dir))
+        if ema is not None:
+            ckpt.load_ema_state(ema, resume_dir)
         if state.batches_per_epoch != batches_per_epoch:
             logger.warning(
                 "the checkpoint was written with %d batches per epoch and process, this run has %d: the data order "
@@ -388,6 +393,7 @@ def _train(cfg: dict, dataset, hub_token: str | None) -> TrainingResult:
                 step,
                 dict(unet.config),
                 _state_summary(state, accelerator, global_batch, accum),
+                ema=ema,
             )
             if main:
                 for path in ckpt.prune_checkpoints(output_dir, train_cfg["checkpoints_total_limit"]):
