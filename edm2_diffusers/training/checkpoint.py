@@ -165,7 +165,14 @@ def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> None:
         except UnsafeCheckpointError:
             raise
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            globals_named = [line for line in lines if "GLOBAL" in line]  # torch's weights_only refusal
+            if globals_named:
+                raise UnsafeCheckpointError(
+                    f"checkpoint file {path} holds objects that are not tensors or plain data "
+                    f"({globals_named[0].rstrip('.')}); loading it would run code, refusing to resume"
+                ) from None
+            first = lines[0] if lines else type(err).__name__
             raise UnsafeCheckpointError(
                 f"checkpoint file {path} is not plain data or is damaged ({type(err).__name__}: {first}); "
                 "refusing to resume"
