@@ -19,7 +19,9 @@ from edm2_diffusers.ema import (
     MAX_STD,
     PowerFunctionEMA,
     TraditionalEMA,
+    TraditionalEMAWithPostHoc,
     build_ema,
+    ema_pytorch_decay,
     exp_to_std,
     list_snapshots,
     power_function_beta,
@@ -177,6 +179,136 @@ def test_traditional_ema_warmup_and_round_trip(tmp_path):
     assert other.num_updates == 6 and other.ema.weight.item() == ema.ema.weight.item()
     with pytest.raises(ValueError, match="power"):
         ema.save_snapshots(str(tmp_path), step=1, nimg=1)
+
+
+def _wander(net: torch.nn.Module, generator: torch.Generator) -> None:
+    """Move every parameter as a training step would: a drift plus noise."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 + 0.3 * torch.randn(p.shape, generator=generator))
+
+
+class _SmallNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.SiLU(), torch.nn.Conv1d(16, 4, 1))
+        self.register_buffer("freqs", torch.randn(6))
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.9993])  # 0.9: the warm-up reaches β at update 32; 0.9993: never in 150
+def test_ema_pytorch_warmup_matches_the_ema_pytorch_package(beta):
+    from ema_pytorch import EMA
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(3)
+    net = _SmallNet()
+    reference = EMA(net, beta=beta, update_after_step=0, update_every=1)
+    ours = build_ema(net, {"type": "traditional", "beta": beta, "warmup": "ema_pytorch"})
+    assert isinstance(ours, TraditionalEMA) and not isinstance(ours, TraditionalEMAWithPostHoc)
+    worst = 0.0
+    for n in range(1, 151):
+        _wander(net, gen)
+        reference.update()
+        ours.update(cur_nimg=n, batch_size=1)
+        # The package's own decay for this update: its step counter already counts it.
+        expected_decay = 0.0 if n == 1 else reference.get_current_decay()
+        assert ours.current_beta(n) == expected_decay
+        theirs = dict(reference.ema_model.named_parameters())
+        for name, p in ours.ema.named_parameters():
+            worst = max(worst, (p - theirs[name]).abs().max().item())
+    assert worst <= 1e-6
+    assert abs(params_of(ours.ema) - params_of(net)).max() > 1  # an average, not a copy of the model
+    # Written out: a copy at the first update, then min(β, 1 − n^(−2/3)).
+    assert ema_pytorch_decay(1, beta) == 0.0
+    for n in (2, 10, 31, 32, 100, 5000, 10**6):
+        assert ema_pytorch_decay(n, beta) == pytest.approx(min(beta, 1 - n ** (-2 / 3)), abs=1e-7)
+
+
+def test_ema_pytorch_warmup_config_errors():
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="ema.warmup must be one of"):
+        build_ema(net, {"type": "traditional", "warmup": "cosine"})
+    with pytest.raises(ValueError, match="warmup_steps"):
+        build_ema(net, {"type": "traditional", "warmup": "ema_pytorch", "warmup_steps": 10})
+    with pytest.raises(ValueError, match="update_index"):
+        ema_pytorch_decay(0, 0.9)
+    with pytest.raises(ValueError, match="beta"):
+        build_ema(net, {"type": "traditional", "beta": "0.9993"})
+    linear = TraditionalEMA(net, beta=0.9)
+    with pytest.raises(ValueError, match="ema_pytorch"):
+        linear.load_state_dict(TraditionalEMA(net, beta=0.9, warmup="ema_pytorch").state_dict())
+
+
+POSTHOC_CONFIG = {
+    "type": "traditional",
+    "beta": 0.8,
+    "warmup": "ema_pytorch",
+    "posthoc": {"stds": [0.05, 0.10], "snapshot_every_steps": 3, "snapshot_dtype": "float32", "count_by": "images"},
+}
+
+
+def test_traditional_ema_with_posthoc_profiles_tracks_both(tmp_path):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    net = EDM2UNet2DModel(**TINY)
+    ema = build_ema(net, POSTHOC_CONFIG)
+    alone = TraditionalEMA(net, beta=0.8, warmup="ema_pytorch")
+    power = PowerFunctionEMA(net, stds=[0.05, 0.10])
+    # The interface the trainer uses of one tracker (training/loop.py, training/finish.py).
+    assert isinstance(ema, TraditionalEMA) and not isinstance(ema, PowerFunctionEMA)
+    assert ema.stds == [0.05, 0.10] and ema.snapshot_every_steps == 3
+    for step in range(1, 7):
+        _wander(net, gen)
+        for tracker in (ema, alone, power):
+            tracker.update(cur_nimg=step * BATCH, batch_size=BATCH)
+        if step % ema.snapshot_every_steps == 0:
+            ema.save_snapshots(str(tmp_path), step=step, nimg=step * BATCH)
+    ((label, averaged),) = ema.averaged_models()  # the evaluated / exported model: the traditional EMA only
+    assert label == "ema" and torch.equal(params_of(averaged), params_of(alone.ema))
+    for (lab, a), (lab2, b) in zip(ema.posthoc_models(), power.averaged_models()):
+        assert lab == lab2 and torch.equal(params_of(a), params_of(b))
+    assert not torch.equal(params_of(averaged), params_of(ema.posthoc.emas[0]))
+    snaps = list_snapshots(str(tmp_path))
+    assert sorted((s.step, round(s.std, 3)) for s in snaps) == [(3, 0.05), (3, 0.1), (6, 0.05), (6, 0.1)]
+    assert ema.description() == {
+        "type": "traditional", "beta": 0.8, "warmup_steps": 0, "warmup": "ema_pytorch", "posthoc_stds": [0.05, 0.10]
+    }  # fmt: skip
+
+    # Resume: the state (torch.save with weights_only) restores both averages and both clocks.
+    torch.save(ema.state_dict(), tmp_path / "ema.pt")
+    resumed = build_ema(net, POSTHOC_CONFIG)
+    resumed.load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
+    _wander(net, gen)
+    for tracker in (ema, resumed):
+        tracker.update(cur_nimg=7 * BATCH, batch_size=BATCH)
+    for a, b in zip([ema.ema, *ema.posthoc.emas], [resumed.ema, *resumed.posthoc.emas]):
+        assert torch.equal(params_of(a), params_of(b))
+    assert (resumed.num_updates, resumed.posthoc.time) == (7, 7.0 * BATCH)
+
+
+def test_traditional_ema_with_posthoc_profiles_rejects_mismatches():
+    net = torch.nn.Linear(2, 2)
+    ema = build_ema(net, POSTHOC_CONFIG)
+    with pytest.raises(ValueError, match="without post-hoc profiles"):
+        ema.load_state_dict(TraditionalEMA(net, beta=0.8, warmup="ema_pytorch").state_dict())
+    other = build_ema(net, {**POSTHOC_CONFIG, "posthoc": {"stds": [0.02]}})
+    before = params_of(ema.ema).clone()
+    with pytest.raises(ValueError, match="stds"):
+        ema.load_state_dict(other.state_dict())
+    assert torch.equal(params_of(ema.ema), before)
+    bad = [
+        ({"posthoc": [0.05]}, "ema.posthoc must be a mapping"),
+        ({"posthoc": {"snapshot_every_steps": 5}}, "ema.posthoc needs stds"),
+        ({"posthoc": {"stds": [0.05], "halflife": 3}}, "ema.posthoc.halflife"),
+        ({"posthoc": {"stds": "0.05"}}, "ema.posthoc.stds must be a list"),
+        ({"posthoc": {"stds": [0.5]}}, "cannot be expressed"),
+        ({"posthoc": {"stds": [0.05]}, "snapshot_every_steps": 5}, "ema.posthoc.snapshot_every_steps"),
+    ]
+    for extra, message in bad:
+        with pytest.raises(ValueError, match=message):
+            build_ema(net, {"type": "traditional", **extra})
+    with pytest.raises(ValueError, match="posthoc"):
+        build_ema(net, {"type": "power", "posthoc": {"stds": [0.05]}})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

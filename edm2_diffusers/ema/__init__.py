@@ -10,7 +10,7 @@ from .power import (
 )
 from .reconstruct import PostHocEMAReconstruction, reconstruct
 from .snapshots import SnapshotInfo, config_fingerprint, list_snapshots, load_snapshot, snapshot_filename
-from .trackers import PowerFunctionEMA, TraditionalEMA, build_ema
+from .trackers import PowerFunctionEMA, TraditionalEMA, TraditionalEMAWithPostHoc, build_ema, ema_pytorch_decay
 
 __all__ = [
     "MAX_STD",
@@ -18,8 +18,10 @@ __all__ = [
     "PowerFunctionEMA",
     "SnapshotInfo",
     "TraditionalEMA",
+    "TraditionalEMAWithPostHoc",
     "build_ema",
     "config_fingerprint",
+    "ema_pytorch_decay",
     "exp_to_std",
     "list_snapshots",
     "load_snapshot",

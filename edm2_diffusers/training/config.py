@@ -196,7 +196,8 @@ def merge_config(cfg: dict, update: dict, source: str = "config") -> dict:
 def apply_overrides(cfg: dict, overrides: dict[str, Any]) -> dict:
     """Apply command-line overrides ``{"section.key": value}`` on top of ``cfg``; flags win over the YAML.
 
-    ``ema.snapshot_every_steps`` is accepted although ``ema`` is otherwise passed through verbatim.
+    ``ema.snapshot_every_steps`` is accepted although ``ema`` is otherwise passed through verbatim (for a traditional
+    EMA with post-hoc profiles it sets ``ema.posthoc.snapshot_every_steps``).
     """
     cfg = copy.deepcopy(cfg)
     for dotted, value in overrides.items():
@@ -204,7 +205,10 @@ def apply_overrides(cfg: dict, overrides: dict[str, Any]) -> dict:
         if section == "ema":
             if cfg.get("ema") is None:
                 raise ValueError(f"--{key} was given but the config disables the EMA (ema: null)")
-            cfg["ema"][key] = value
+            if isinstance(cfg["ema"].get("posthoc"), dict):  # a traditional EMA's post-hoc profiles
+                cfg["ema"]["posthoc"][key] = value
+            else:
+                cfg["ema"][key] = value
             continue
         if section not in SCHEMA or key not in SCHEMA[section]:
             raise ValueError(f"unknown config key {dotted!r}")
@@ -295,6 +299,9 @@ def validate_config(cfg: dict) -> dict:
         raise ValueError("sampling.num_inference_steps, grid_rows and grid_cols must be positive")
     if not 0 < samp["sigma_min"] < samp["sigma_max"]:
         raise ValueError("sampling needs 0 < sigma_min < sigma_max")
+    from ..ema.trackers import check_ema_config
+
+    check_ema_config(cfg.get("ema"))  # unknown keys and malformed values fail before anything runs
     if train["push_to_hub"]:
         if not train["export_pipeline"]:
             raise ValueError("--push_to_hub pushes the final export: it needs training.export_pipeline true")
