@@ -25,6 +25,7 @@ from edm2_diffusers.ema import (
     exp_to_std,
     list_snapshots,
     power_function_beta,
+    profile_inner_product,
     reconstruct,
     solve_posthoc_coefficients,
     std_to_exp,
@@ -309,6 +310,85 @@ def test_traditional_ema_with_posthoc_profiles_rejects_mismatches():
             build_ema(net, {"type": "traditional", **extra})
     with pytest.raises(ValueError, match="posthoc"):
         build_ema(net, {"type": "power", "posthoc": {"stds": [0.05]}})
+
+
+def _traditional_ema_std(total_steps: int, beta: float, warmup: bool = True) -> float:
+    """σ_rel (EDM2 Eq. 123) of the averaging profile of a traditional EMA after `total_steps` updates.
+
+    Update n weighs the model after step n by (1 − β_n)·Π_{m>n} β_m; that model stands for the interval (n − 1, n],
+    so the profile is piecewise constant and its variance adds 1/12 step² to the midpoints' variance.
+    """
+    n = np.arange(1, total_steps + 1, dtype=np.float64)
+    decay = np.minimum(beta, 1 - n ** (-2 / 3)) if warmup else np.full_like(n, beta)
+    decay[0] = 0.0  # the first update copies the model
+    later = np.concatenate([np.cumsum(np.log(decay[:0:-1]))[::-1], [0.0]])  # log Π_{m>n} β_m
+    weight = (1 - decay) * np.exp(later)
+    assert weight.sum() == pytest.approx(1.0, abs=1e-9)
+    mid = (n - 0.5) / total_steps
+    mean = (weight * mid).sum()
+    var = (weight * (mid**2 + 1 / (12 * total_steps**2))).sum() - mean**2
+    return float(np.sqrt(var))
+
+
+def _reconstruction_error(snapshot_steps, stds, target_step, target_std) -> float:
+    """Relative L2 distance between a target power-function profile and its post-hoc reconstruction (Algorithm 3)."""
+    in_t = np.repeat(np.asarray(snapshot_steps, dtype=np.float64), len(stds))
+    in_s = np.tile(np.asarray(stds, dtype=np.float64), len(snapshot_steps))
+    x = solve_posthoc_coefficients(in_t, in_s, [target_step], [target_std])[:, 0]
+    g, g_out = std_to_exp(in_s), std_to_exp(target_std)
+    gram = profile_inner_product(in_t[:, None], g[:, None], in_t[None], g[None])
+    cross = profile_inner_product(in_t, g, target_step, g_out)
+    norm2 = profile_inner_product(target_step, g_out, target_step, g_out)
+    return float(np.sqrt(max(x @ gram @ x - 2 * x @ cross + norm2, 0.0) / norm2))
+
+
+SEED_CONFIGS = [(d, a) for d in ("cifar10", "cifar100", "tinyimagenet") for a in "CEG"]
+SEED_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "tinyimagenet": 100_000}
+
+
+@pytest.mark.parametrize("dataset, arch", SEED_CONFIGS, ids=[f"{d}/{a}" for d, a in SEED_CONFIGS])
+def test_seed_config_snapshots_reconstruct_the_traditional_ema_length(dataset, arch):
+    from edm2_diffusers.training import load_config
+
+    cfg = load_config(ROOT / "configs" / dataset / f"{arch}.yaml")
+    ema_cfg, train_cfg = cfg["ema"], cfg["training"]
+    # edm2-multi-gpu: ema_pytorch.EMA(beta=0.9993, update_after_step=0, update_every=1) is the evaluated model.
+    assert (ema_cfg["type"], ema_cfg["beta"], ema_cfg["warmup"]) == ("traditional", 0.9993, "ema_pytorch")
+    ema = build_ema(torch.nn.Linear(1, 1), ema_cfg)
+    assert isinstance(ema, TraditionalEMAWithPostHoc)
+    images, batch = SEED_IMAGES[dataset], train_cfg["total_batch_size"]
+    # Steps per epoch: the last partial batch dropped (images // batch) or kept, as edm2-multi-gpu does.
+    for steps_per_epoch in (images // batch, -(-images // batch)):
+        total = train_cfg["num_epochs"] * steps_per_epoch
+        target = _traditional_ema_std(total, ema.beta)
+        assert abs(target - _traditional_ema_std(total, ema.beta, warmup=False)) < 1e-6  # the config comments say so
+        expected = (
+            {"C": 0.0146, "E": 0.0073, "G": 0.0073} if dataset != "tinyimagenet" else {a: 0.00137 for a in "CEG"}
+        )
+        assert target == pytest.approx(expected[arch], rel=0.02)
+        every = ema.snapshot_every_steps
+        steps = list(range(every, total, every)) + [total]  # the trainer also snapshots the last step
+        assert len(steps) <= 25  # disk: at most 25 snapshot steps x 2 profiles
+        assert _reconstruction_error(steps, ema.stds, total, target) <= 0.03
+
+
+def test_reconstruction_error_measures_the_profile_distance():
+    # A tracked profile reconstructs itself exactly; one far from every snapshot's profile does not.
+    assert _reconstruction_error([100, 200], [0.05], 200, 0.05) < 1e-6
+    assert _reconstruction_error([100, 200], [0.05], 200, 0.01) > 0.3
+    # The closed form agrees with a numerical integral of the profiles (Eq. 121).
+    tau = np.linspace(0, 200, 400_001)
+    dt = tau[1] - tau[0]
+    coefs = solve_posthoc_coefficients([100, 200], [0.10], [200], [0.05])[:, 0]
+
+    def profile(t, std):
+        g = std_to_exp(std)
+        return np.where(tau <= t, (g + 1) * tau**g / t ** (g + 1), 0.0)
+
+    target = profile(200, 0.05)
+    recon = coefs[0] * profile(100, 0.10) + coefs[1] * profile(200, 0.10)
+    numeric = np.sqrt(((recon - target) ** 2).sum() * dt / ((target**2).sum() * dt))
+    assert _reconstruction_error([100, 200], [0.10], 200, 0.05) == pytest.approx(numeric, rel=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
