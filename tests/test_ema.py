@@ -555,6 +555,26 @@ def test_accelerate_checkpoint_restores_ema(tmp_path):
     assert all(torch.equal(params_of(m), s) for (_, m), s in zip(ema.averaged_models(), saved))
 
 
+def test_accelerate_checkpoint_restores_traditional_ema_with_posthoc_profiles(tmp_path):
+    from accelerate import Accelerator
+
+    net = torch.nn.Linear(3, 3)
+    accelerator = Accelerator(cpu=True)
+    ema = build_ema(net, POSTHOC_CONFIG)
+    accelerator.register_for_checkpointing(ema)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 4):
+        _wander(net, gen)
+        ema.update(cur_nimg=8 * step, batch_size=8)
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    saved = [params_of(m).clone() for m in (ema.ema, *ema.posthoc.emas)]
+    _wander(net, gen)
+    ema.update(cur_nimg=32, batch_size=8)
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    assert (ema.num_updates, ema.posthoc.num_updates, ema.posthoc.time) == (3, 3, 24.0)
+    assert all(torch.equal(params_of(m), s) for m, s in zip((ema.ema, *ema.posthoc.emas), saved))
+
+
 def test_float16_snapshots(run, tmp_path):
     paths = run["ema"].save_snapshots(str(tmp_path), step=STEPS, nimg=STEPS * BATCH, dtype="float16")
     assert [os.path.basename(p) for p in paths] == [
