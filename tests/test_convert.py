@@ -64,6 +64,8 @@ def test_multigpu_errors():
     meta_g, tensors_g = load_golden("multigpu_unetG.safetensors")
     with pytest.raises(ValueError, match="does not match"):  # nor the other way round
         from_multigpu(golden_state(tensors_g), golden_config(meta_g), "E")
+    with pytest.raises(ValueError, match="no official counterpart"):  # its UNetG is not NVIDIA's G
+        to_official(from_multigpu(golden_state(tensors_g), golden_config(meta_g), "G"))
     with pytest.raises(ValueError, match="reweight_mlp"):
         from_multigpu({k: v for k, v in state.items() if k.startswith("nn_model")}, config, "C")
     with pytest.raises(ValueError, match="n_blocks must be at least 2"):
