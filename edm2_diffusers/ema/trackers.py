@@ -1,4 +1,5 @@
-"""EMA trackers used during training: power-function EMA (paper Section 3.1) and a traditional fixed-β EMA.
+"""EMA trackers used during training: power-function EMA (paper Section 3.1), a traditional fixed-β EMA, and a
+traditional EMA with power-function profiles tracked beside it (`TraditionalEMAWithPostHoc`).
 
 The trainer calls, in this order::
 
