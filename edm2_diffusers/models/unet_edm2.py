@@ -1,4 +1,10 @@
-"""EDM2UNet2DModel: the EDM2 U-Net (paper Figure 21) with Config C, E or G blocks (Table 1)."""
+"""EDM2UNet2DModel: the EDM2 U-Net (paper Figure 21) with Config C, E or G blocks (Table 1).
+
+Bundling rule: exports carry this file as diffusers custom code, flattened by ``edm2_diffusers.hub.remote_code``
+together with the package modules it imports. It may therefore import only torch, numpy, diffusers and the ground
+floor (``edm``, ``latents``, ``models``, ``schedulers``, ``pipelines``), never ``ema``, ``runs``, ``hub``, ``training``
+or ``evaluation`` (checked by the import-linter layers and ``tests/test_architecture.py``).
+"""
 
 from __future__ import annotations
 
