@@ -48,7 +48,7 @@ from ..runs import (
 from . import checkpoint as ckpt
 from .config import validate_config
 from .finish import check_export_target, export_trained_run
-from .loss import EDM2TrainingLoss, sample_sigma
+from .loss import EDM2TrainingLoss, sample_sigma, zero_nonfinite_grads_
 from .schedule import schedule_in_images, step_learning_rate
 from .setup import batch_sizes, check_latents, flat_config, load_sampling_vae, make_accelerator
 from .state import NonFiniteLossError, TrainingResult, TrainingState, micro_step_seed
@@ -351,9 +351,7 @@ def _optimizer_step(run: _Run, stream) -> float:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     if train_cfg["zero_nonfinite_grads"]:
-        for param in run.model.parameters():
-            if param.grad is not None:
-                torch.nan_to_num(param.grad, nan=0.0, posinf=0.0, neginf=0.0, out=param.grad)
+        zero_nonfinite_grads_(run.model)
     run.optimizer.step()
     if accelerator.optimizer_step_was_skipped and run.main:
         logger.info("step %d: the fp16 gradients overflowed; the GradScaler skipped the update", state.step + 1)

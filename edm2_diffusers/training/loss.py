@@ -110,4 +110,12 @@ class EDM2TrainingLoss(nn.Module):
         )
 
 
-__all__ = ["EDM2TrainingLoss", "edm2_loss", "sample_sigma"]
+@torch.no_grad()
+def zero_nonfinite_grads_(module: nn.Module) -> None:
+    """Set NaN and ±inf gradient elements of ``module``'s parameters to 0 in place (NVIDIA's ``force_finite``)."""
+    for param in module.parameters():
+        if param.grad is not None:
+            torch.nan_to_num(param.grad, nan=0.0, posinf=0.0, neginf=0.0, out=param.grad)
+
+
+__all__ = ["EDM2TrainingLoss", "edm2_loss", "sample_sigma", "zero_nonfinite_grads_"]
