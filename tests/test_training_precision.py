@@ -8,18 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from accelerate.state import AcceleratorState
 from conftest import tiny_unet_config
 from PIL import Image
 from safetensors.torch import load_file
+from test_training_epochs import tiny_config as epochs_tiny_config
 
 from edm2_diffusers import EDM2UNet2DModel
 from edm2_diffusers.data import image_to_array
 from edm2_diffusers.data.latents import center_crop
 from edm2_diffusers.edm import denoise, loss_weight
 from edm2_diffusers.runs import sampling_autocast
-from edm2_diffusers.training import edm2_loss, load_config, train
+from edm2_diffusers.training import edm2_loss, train
 from edm2_diffusers.training import loop as loop_module
 from edm2_diffusers.training.loss import zero_nonfinite_grads_
 from edm2_diffusers.training.setup import make_accelerator
@@ -28,27 +28,10 @@ TINY = tiny_unet_config()
 
 
 def tiny_config(tmp_path: Path, name: str, **training) -> dict:
-    cfg = {
-        "model": TINY,
-        "data": {"source": "sklearn_digits", "max_train_samples": 32},
-        "training": {
-            "train_batch_size": 8,
-            "max_train_steps": 2,
-            "learning_rate": 1e-2,
-            "checkpointing_steps": 1,
-            "sample_every_steps": 0,
-            "export_pipeline": False,
-            "report_to": "none",
-            "seed": 1,
-            "cpu_threads": 1,
-            **training,
-        },
-        "ema": {"type": "power", "stds": [0.05]},
-        "sampling": {"num_inference_steps": 2, "grid_rows": 1, "grid_cols": 1},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return load_config(path, {"training.output_dir": str(tmp_path / name)})
+    """Tiny G on 40 digits, 2 steps of 8 images with the rate of the images seen, checkpoints every step."""
+    plain = {"num_epochs": None, "max_train_steps": 2, "train_batch_size": 8, "lr_schedule": "images"}
+    plain.update(lr_warmup_epochs=0, drop_last=True)
+    return epochs_tiny_config(tmp_path, name, **{**plain, **training})
 
 
 # ------------------------------------------------------------------------------------------------ the loss
