@@ -2,6 +2,7 @@
 the fp16 path, a GradScaler-skipped step that still counts (edm2-multi-gpu), zeroed non-finite gradients, the
 per-image loss sum, sampling autocast and ADM's centre crop for image training."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -125,7 +126,9 @@ def test_a_step_the_grad_scaler_skips_still_counts(tmp_path, monkeypatch, caplog
 
     monkeypatch.setattr(loop_module, "make_accelerator", with_scaler)
     with caplog.at_level(logging.INFO, logger="edm2_diffusers.training.loop"):
-        result = train(tiny_config(tmp_path, "scaled", max_train_steps=3))
+        cfg = tiny_config(tmp_path, "scaled", max_train_steps=3)
+        cfg["ema"] = {"type": "traditional", "beta": 0.9993, "warmup": "ema_pytorch"}  # it counts its updates
+        result = train(cfg)
     assert "step 1: the fp16 gradients overflowed" in caplog.text
     # edm2-multi-gpu's rule: the loop step, its images and the EMA update go on; Adam took 2 steps, not 3
     assert result.step == 3 and result.images_seen == 24
@@ -133,6 +136,8 @@ def test_a_step_the_grad_scaler_skips_still_counts(tmp_path, monkeypatch, caplog
     adam = [torch.load(run / f"checkpoint-{s}" / "optimizer.bin", weights_only=True)["state"] for s in (1, 3)]
     assert adam[0] == {}  # nothing was applied at step 1
     assert {int(state["step"]) for state in adam[1].values()} == {2}
+    ema_state = json.loads((run / "checkpoint-3" / "ema_state.json").read_text())
+    assert ema_state["num_updates"] == 3  # the EMA was updated at the skipped step too
     scale = torch.load(run / "checkpoint-1" / "scaler.pt", weights_only=True)["scale"]
     assert scale == pytest.approx(3e38 * 2.0**-120)
 
