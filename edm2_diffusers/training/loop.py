@@ -6,7 +6,8 @@ what makes a run exact and restartable:
 * every random draw of a micro-step (flips, σ, ε, dropout) comes from a seed derived from (seed, step, micro-step,
   process), and the data order of an epoch from (seed, epoch), so a run resumed from a checkpoint continues
   bit-for-bit like one that was never interrupted;
-* the learning rate is a pure function of the number of images seen (:mod:`.schedule`), not an optimizer state;
+* the learning rate is a pure function of the number of images seen, or of the step's epoch (:mod:`.schedule`), not
+  an optimizer state;
 * the step counter and data position travel in the checkpoint (:class:`TrainingState`).
 
 Latent datasets (:mod:`edm2_diffusers.data.latents`) store the VAE posterior's moments; each micro-step draws its
