@@ -15,12 +15,14 @@ and the sampler a run's pipelines use is built from its config here (:func:`sche
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
 import os
 from pathlib import Path
 
+import torch
 import yaml
 
 from .files import write_json_atomic, write_text_atomic
@@ -229,6 +231,19 @@ def run_scheduler(run_dir: str | os.PathLike) -> EDMHeunScheduler:
     return scheduler_from_config(read_run_config(run_dir)[1])
 
 
+def sampling_autocast(config: dict, device: torch.device | str):
+    """The autocast context a run's sampling uses (``sampling.mixed_precision``): fp16 or bf16 autocast around the
+    pipeline on a GPU, as edm2-multi-gpu samples with ``--use_amp``; float32 (no autocast) on a CPU or when ``no``.
+    """
+    precision = (config.get("sampling") or {}).get("mixed_precision") or "no"
+    device = torch.device(device)
+    if precision == "no" or device.type == "cpu":
+        return contextlib.nullcontext()
+    if precision not in ("fp16", "bf16"):
+        raise ValueError(f"sampling.mixed_precision must be no, fp16 or bf16, got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
 __all__ = [
     "CONFIG_NAME",
     "LATENT_INFO_NAME",
@@ -241,6 +256,7 @@ __all__ = [
     "read_run_latent_info",
     "read_sweep",
     "run_scheduler",
+    "sampling_autocast",
     "sampling_settings",
     "scheduler_from_config",
     "sweep_best_path",

@@ -10,11 +10,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .latents import center_crop
 from .sources import dataset_columns
 
 
-def image_to_array(image: Image.Image, resolution: int | None, channels: int) -> np.ndarray:
-    """PIL image → float32 array (C, H, W) in [-1, 1]; resized (shorter side) and centre-cropped to ``resolution``."""
+def image_to_array(image: Image.Image, resolution: int | None, channels: int, crop: str | None = None) -> np.ndarray:
+    """PIL image → float32 array (C, H, W) in [-1, 1]; resized (shorter side) and centre-cropped to ``resolution``.
+
+    ``crop="dhariwal"`` uses ADM's centre crop (:func:`~edm2_diffusers.data.latents.center_crop`, NVIDIA's
+    ``dataset_tool.py --transform=center-crop-dhariwal``) instead of one bicubic resize.
+    """
+    if crop == "dhariwal" and resolution is not None:
+        image = Image.fromarray(center_crop(image, resolution))
     image = image.convert("L" if channels == 1 else "RGB")
     if resolution is not None and image.size != (resolution, resolution):
         w, h = image.size
@@ -38,22 +45,32 @@ class EDM2ImageDataset(torch.utils.data.Dataset):
         image_column (`str`), label_column (`str`, *optional*): columns to read.
         resolution (`int`, *optional*): resize/crop size; ``None`` keeps images as stored.
         channels (`int`): 1 (grey) or 3 (RGB).
+        crop (`str`, *optional*): ``"dhariwal"`` for ADM's centre crop (see :func:`image_to_array`).
     """
 
-    def __init__(self, hf_dataset, image_column: str, label_column: str | None, resolution: int | None, channels: int):
+    def __init__(
+        self,
+        hf_dataset,
+        image_column: str,
+        label_column: str | None,
+        resolution: int | None,
+        channels: int,
+        crop: str | None = None,
+    ):
         columns = [image_column] + ([label_column] if label_column else [])
         self.dataset = hf_dataset.select_columns(columns)
         self.image_column = image_column
         self.label_column = label_column
         self.resolution = resolution
         self.channels = channels
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def _item(self, image, label, index: int) -> dict:
         item = {
-            "pixel_values": torch.from_numpy(image_to_array(image, self.resolution, self.channels)),
+            "pixel_values": torch.from_numpy(image_to_array(image, self.resolution, self.channels, self.crop)),
             "index": index,
         }
         if self.label_column:
@@ -111,7 +128,12 @@ def build_image_dataset(ds, data_cfg: dict, model_cfg: dict, source: str, resolu
     if source == "latents":
         return EDM2LatentDataset(ds, image_column, label_column)
     return EDM2ImageDataset(
-        ds, image_column, label_column, resolution=resolution, channels=model_cfg.get("in_channels", 3)
+        ds,
+        image_column,
+        label_column,
+        resolution=resolution,
+        channels=model_cfg.get("in_channels", 3),
+        crop=data_cfg.get("crop"),
     )
 
 

@@ -41,6 +41,13 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "resolution": (None, int, "resize (shorter side) and centre-crop images to this size; null: keep as stored"),
         "random_flip": (False, bool, "random horizontal flips"),
         "max_train_samples": (None, int, "train on the first N examples only (quick tests)"),
+        "crop": (
+            None,
+            str,
+            "null: one bicubic resize of the shorter side, then the centre square | dhariwal: ADM's centre crop "
+            "(box-filter halving while the shorter side is >= 2x resolution, bicubic resize, centre square), as "
+            "NVIDIA's dataset_tool.py --transform=center-crop-dhariwal; needs data.resolution",
+        ),
     },
     "training": {
         "output_dir": (None, str, "where checkpoints, samples, logs and snapshots go"),
@@ -74,6 +81,27 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "push_to_hub": (False, bool, "push the final export to the Hub repository hub_model_id"),
         "hub_model_id": (None, str, "Hub repository (USER/NAME or NAME) to push to; named in the model card"),
         "hub_private": (False, bool, "create the Hub repository private"),
+        "lr_schedule": (
+            "images",
+            str,
+            "images: the rate is a function of the images seen (lr_warmup_*/lr_decay_ref_*) | epochs: set once per "
+            "epoch as edm2-multi-gpu does (lr_warmup_epochs, lr_decay_ref_epochs)",
+        ),
+        "lr_warmup_epochs": (0, int, "epochs schedule: rate lr*(ep+1)/warm in epoch ep < warm (0: no warm-up)"),
+        "lr_decay_ref_epochs": (None, int, "epochs schedule: then lr/sqrt(max(ep/t_ref, 1)); null: no decay"),
+        "drop_last": (True, bool, "drop the last partial batch of each epoch (false: train on it too)"),
+        "loss_reduction": (
+            "mean",
+            str,
+            "mean: average the loss over every element | sum_per_image: sum over each image's elements, average "
+            "over the batch (NVIDIA's EDM2 training loop)",
+        ),
+        "zero_nonfinite_grads": (
+            False,
+            bool,
+            "zero NaN/inf gradient elements before each optimizer step, with fp16 at loss scale 1 instead of a "
+            "GradScaler (NVIDIA's force_finite)",
+        ),
     },
     "sampling": {
         "num_inference_steps": (18, int, "Heun steps of the sample grids"),
@@ -87,6 +115,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "seed": (0, int, "seed of the grid's noise (the same every time, so progress is visible)"),
         "vae": (None, str, "latent models: AutoencoderKL (folder or Hub id) decoding grids; exports carry it"),
         "vae_subfolder": (None, str, "subfolder of sampling.vae holding the AutoencoderKL (e.g. vae)"),
+        "mixed_precision": (
+            "no",
+            str,
+            "no | fp16 | bf16: autocast of the U-Net while sampling grids on a GPU (a CPU samples in fp32)",
+        ),
     },
 }
 
@@ -289,6 +322,7 @@ def validate_config(cfg: dict) -> dict:
         raise ValueError("training.P_std and training.sigma_data must be positive")
     if train["mixed_precision"] not in ("no", "fp16", "bf16"):
         raise ValueError(f"training.mixed_precision must be no, fp16 or bf16, got {train['mixed_precision']!r}")
+    _validate_schedule_and_precision(cfg)
     if train["cpu_threads"] is not None and train["cpu_threads"] < 1:
         raise ValueError(f"training.cpu_threads must be at least 1, got {train['cpu_threads']}")
     for key in ("checkpointing_steps", "sample_every_steps", "dataloader_num_workers"):
@@ -314,6 +348,33 @@ def validate_config(cfg: dict) -> dict:
             raise ValueError("--push_to_hub needs an EMA to export, but the config disables it (ema: null)")
         resolve_repo_id(train["hub_model_id"])  # a missing or malformed id fails before training
     return cfg
+
+
+def _validate_schedule_and_precision(cfg: dict) -> None:
+    """The epoch schedule, loss reduction, crop and sampling precision options."""
+    data, train, samp = cfg["data"], cfg["training"], cfg["sampling"]
+    if train["lr_schedule"] not in ("images", "epochs"):
+        raise ValueError(f"training.lr_schedule must be images or epochs, got {train['lr_schedule']!r}")
+    image_keys = ("lr_warmup_images", "lr_warmup_steps", "lr_decay_ref_images", "lr_decay_ref_steps")
+    epoch_keys = ("lr_warmup_epochs", "lr_decay_ref_epochs")
+    for key in epoch_keys:
+        if train[key] is not None and train[key] < 0:
+            raise ValueError(f"training.{key} must not be negative, got {train[key]}")
+    unused = image_keys if train["lr_schedule"] == "epochs" else epoch_keys
+    for key in unused:
+        if train[key]:
+            raise ValueError(
+                f"training.{key} is set but training.lr_schedule is {train['lr_schedule']}, which does not read it; "
+                f"use the {'lr_*_epochs' if train['lr_schedule'] == 'epochs' else 'lr_*_images / lr_*_steps'} keys"
+            )
+    if train["loss_reduction"] not in ("mean", "sum_per_image"):
+        raise ValueError(f"training.loss_reduction must be mean or sum_per_image, got {train['loss_reduction']!r}")
+    if data["crop"] not in (None, "dhariwal"):
+        raise ValueError(f"data.crop must be null or dhariwal, got {data['crop']!r}")
+    if data["crop"] is not None and data["resolution"] is None:
+        raise ValueError("data.crop dhariwal crops to data.resolution: set it")
+    if samp["mixed_precision"] not in ("no", "fp16", "bf16"):
+        raise ValueError(f"sampling.mixed_precision must be no, fp16 or bf16, got {samp['mixed_precision']!r}")
 
 
 __all__ = [

@@ -6,7 +6,8 @@ what makes a run exact and restartable:
 * every random draw of a micro-step (flips, σ, ε, dropout) comes from a seed derived from (seed, step, micro-step,
   process), and the data order of an epoch from (seed, epoch), so a run resumed from a checkpoint continues
   bit-for-bit like one that was never interrupted;
-* the learning rate is a pure function of the number of images seen (:mod:`.schedule`), not an optimizer state;
+* the learning rate is a pure function of the number of images seen, or of the step's epoch (:mod:`.schedule`), not
+  an optimizer state;
 * the step counter and data position travel in the checkpoint (:class:`TrainingState`).
 
 Latent datasets (:mod:`edm2_diffusers.data.latents`) store the VAE posterior's moments; each micro-step draws its
@@ -38,16 +39,40 @@ from ..grids import render_sample_grid, save_png_atomic
 from ..models import EDM2UNet2DModel
 from ..pipelines import EDM2Pipeline
 from ..run_lock import RunLock
-from ..runs import SAMPLES_SUBDIR, scheduler_from_config, write_run_config, write_run_latent_info
+from ..runs import (
+    SAMPLES_SUBDIR,
+    sampling_autocast,
+    scheduler_from_config,
+    write_run_config,
+    write_run_latent_info,
+)
 from . import checkpoint as ckpt
 from .config import validate_config
 from .finish import check_export_target, export_trained_run
-from .loss import EDM2TrainingLoss, sample_sigma
-from .schedule import learning_rate, schedule_in_images
+from .loss import EDM2TrainingLoss, sample_sigma, zero_nonfinite_grads_
+from .schedule import schedule_in_images, step_learning_rate
 from .setup import batch_sizes, check_latents, flat_config, load_sampling_vae, make_accelerator
 from .state import NonFiniteLossError, TrainingResult, TrainingState, micro_step_seed
 
 logger = logging.getLogger(__name__)
+
+
+def train_dataloader(train_set, per_device: int, train_cfg: dict) -> torch.utils.data.DataLoader:
+    """The per-process data loader, before ``accelerator.prepare``.
+
+    With ``training.drop_last`` false an epoch ends with a partial batch, as edm2-multi-gpu's does (ceil(N / B) steps,
+    e.g. 98 of 512 on CIFAR's 50,000 images). On one process that batch is smaller; on several, Accelerate's
+    ``even_batches`` (its default) completes the last step's batches with images from the start of the epoch, so
+    every process runs the same number of equal batches (the same ceil(N / B) steps; DDP needs equal steps).
+    """
+    return torch.utils.data.DataLoader(
+        train_set,
+        batch_size=per_device,
+        shuffle=True,
+        drop_last=train_cfg.get("drop_last", True),
+        num_workers=train_cfg["dataloader_num_workers"],
+        persistent_workers=False,
+    )
 
 
 def _batch_stream(run: _Run):
@@ -119,6 +144,7 @@ class _Run:
     model: object = None
     optimizer: object = None
     max_steps: int = 0
+    step_images: int = 0  # images of the last optimizer step over all processes (smaller on a partial batch)
     state: TrainingState = field(default_factory=TrainingState)
     result: TrainingResult | None = None
 
@@ -179,14 +205,7 @@ def _prepare(cfg: dict, dataset, run_lock: RunLock) -> _Run:
     check_export_target(cfg, warn=accelerator.is_main_process)
     if len(train_set) < global_batch:
         raise ValueError(f"the dataset has {len(train_set)} images, fewer than one global batch of {global_batch}")
-    dataloader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=per_device,
-        shuffle=True,
-        drop_last=True,
-        num_workers=train_cfg["dataloader_num_workers"],
-        persistent_workers=False,
-    )
+    dataloader = train_dataloader(train_set, per_device, train_cfg)
     warmup_images, decay_ref_images = schedule_in_images(train_cfg, global_batch)
     return _Run(
         cfg=cfg,
@@ -211,7 +230,7 @@ def _start(run: _Run) -> None:
     cfg, train_cfg, accelerator = run.cfg, run.cfg["training"], run.accelerator
     output_dir = train_cfg["output_dir"]
     run.unet.train()
-    loss_module = EDM2TrainingLoss(run.unet, sigma_data=train_cfg["sigma_data"])
+    loss_module = EDM2TrainingLoss(run.unet, sigma_data=train_cfg["sigma_data"], reduction=train_cfg["loss_reduction"])
     optimizer = torch.optim.Adam(
         run.unet.parameters(),
         lr=train_cfg["learning_rate"],
@@ -287,10 +306,18 @@ def _log_start(run: _Run) -> None:
 
 
 def _optimizer_step(run: _Run, stream) -> float:
-    """One optimizer step: the micro-steps' losses and gradients, the learning rate of the images seen, Adam."""
+    """One optimizer step: the micro-steps' losses and gradients, the learning rate of the schedule, Adam.
+
+    In fp16 on a GPU, Accelerate scales the loss in ``accelerator.backward`` and its GradScaler skips the update of a
+    step whose gradients overflowed (and lowers the scale), as edm2-multi-gpu's ``scaler.step``. A skipped step still
+    counts, as there: the step, its images and the EMA update (of unchanged weights) go on, and the rate follows its
+    schedule. Only a non-finite loss stops the run. ``training.zero_nonfinite_grads`` instead zeroes non-finite
+    gradient elements at loss scale 1 (NVIDIA's rule; the GradScaler is then off, see ``make_accelerator``).
+    """
     train_cfg, accelerator, state = run.cfg["training"], run.accelerator, run.state
     accum = train_cfg["gradient_accumulation_steps"]
     loss_sum = torch.zeros((), device=accelerator.device)
+    num_images = torch.zeros((), device=accelerator.device)
     for micro in range(accum):
         batch = next(stream)
         torch.manual_seed(micro_step_seed(train_cfg["seed"], state.step, micro, accelerator.process_index))
@@ -306,19 +333,29 @@ def _optimizer_step(run: _Run, stream) -> float:
         with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
             loss = run.model(images, sigma, noise, batch.get("class_labels"))
             accelerator.backward(loss / accum)
-        loss_sum += loss.detach().float()
-    mean_loss = accelerator.reduce(loss_sum / accum, reduction="mean").item()
+        per_image = images[0].numel() if train_cfg["loss_reduction"] == "sum_per_image" else 1
+        loss_sum += loss.detach().float() / per_image  # logged per element, whatever the reduction
+        num_images += images.shape[0]
+    totals = accelerator.reduce(torch.stack([loss_sum / accum, num_images]), reduction="sum")
+    mean_loss = (totals[0] / accelerator.num_processes).item()
     if not math.isfinite(mean_loss):
         accelerator.end_training()
         raise NonFiniteLossError(
             f"the loss is {mean_loss} at step {state.step + 1}; training stopped. The last good checkpoint is "
             f"{run.result.last_checkpoint or '(none yet)'} and nothing was written after it"
         )
-    images_after = state.images_seen + run.global_batch
-    lr = learning_rate(images_after, train_cfg["learning_rate"], run.warmup_images, run.decay_ref_images)
+    run.step_images = round(totals[1].item())  # the real batch: a partial last batch has fewer images
+    images_after = state.images_seen + run.step_images
+    lr = step_learning_rate(
+        train_cfg, state.step, images_after, state.batches_per_epoch, run.warmup_images, run.decay_ref_images
+    )
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    if train_cfg["zero_nonfinite_grads"]:
+        zero_nonfinite_grads_(run.model)
     run.optimizer.step()
+    if accelerator.optimizer_step_was_skipped and run.main:
+        logger.info("step %d: the fp16 gradients overflowed; the GradScaler skipped the update", state.step + 1)
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.images_seen = images_after
@@ -332,7 +369,7 @@ def _after_step(run: _Run, mean_loss: float, rate: float, progress) -> None:
     final = step == run.max_steps
     lr = run.optimizer.param_groups[0]["lr"]
     if run.ema is not None:
-        run.ema.update(cur_nimg=state.images_seen, batch_size=run.global_batch)
+        run.ema.update(cur_nimg=state.images_seen, batch_size=run.step_images)
         run.ema.after_step(output_dir, step=step, nimg=state.images_seen, final=final)
     if train_cfg["report_to"] != "none":
         logs = {"loss": mean_loss, "lr": lr, "images_seen": state.images_seen, "images_per_sec": rate}
@@ -408,9 +445,10 @@ def _write_samples(run: _Run, step: int) -> str:
     latent_kwargs = run.standardizer.pipeline_kwargs() if run.standardizer is not None else {}
     pipe = EDM2Pipeline(unet=net, scheduler=scheduler_from_config(cfg), vae=run.vae, **latent_kwargs)
     try:
-        image = render_sample_grid(
-            pipe, sampling["grid_rows"], sampling["grid_cols"], sampling["num_inference_steps"], sampling["seed"]
-        )
+        with sampling_autocast(cfg, run.accelerator.device):  # fp16 autocast on a GPU when the config says so
+            image = render_sample_grid(
+                pipe, sampling["grid_rows"], sampling["grid_cols"], sampling["num_inference_steps"], sampling["seed"]
+            )
     finally:
         net.train(was_training)
     path = os.path.join(cfg["training"]["output_dir"], SAMPLES_SUBDIR, f"step-{step:07d}.png")

@@ -6,7 +6,7 @@ import logging
 import os
 
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs, ProjectConfiguration
 
 from ..data import read_latent_info
 from ..distributed import cpu_process_group
@@ -41,6 +41,8 @@ def make_accelerator(train_cfg: dict):
             project_dir=output_dir, logging_dir=os.path.join(output_dir, train_cfg["logging_dir"])
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg["seed"]),
+        # NVIDIA's fp16 recipe: loss scale 1 and non-finite gradients zeroed, instead of a dynamic GradScaler
+        kwargs_handlers=[GradScalerKwargs(enabled=not train_cfg.get("zero_nonfinite_grads", False))],
     )
 
 
