@@ -16,6 +16,7 @@ import logging
 import sys
 
 from edm2_diffusers.hub import export_pipelines, push_to_hub, resolve_repo_id
+from edm2_diffusers.run_lock import FolderLockedError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,5 +81,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FolderLockedError) as err:
         sys.exit(f"error: {err}")

@@ -27,6 +27,7 @@ from edm2_diffusers.ema import (
     solve_posthoc_coefficients,
     std_to_exp,
 )
+from edm2_diffusers.hub import export_pipelines
 
 # The package exports the function `reconstruct`, which shadows the submodule of the same name as an attribute.
 reconstruct_module = importlib.import_module("edm2_diffusers.ema.reconstruct")
@@ -374,6 +375,42 @@ def test_cli_writes_loadable_models(run, tmp_path):
     assert marker.read_text() == before
     main(["--run_dir", run["run_dir"], "--stds", "0.15", "--output_dir", str(out), "--step", "9", "--overwrite"])
     assert EDM2UNet2DModel.from_pretrained(str(out / "ema-0.150")) is not None
+
+
+def test_cli_refuses_stds_whose_folders_collide_before_writing(run, tmp_path):
+    spec = importlib.util.spec_from_file_location("reconstruct_ema", ROOT / "examples" / "reconstruct_ema.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"0\.0801 and 0\.0804 share the folder ema-0\.080"):
+        cli.main(["--run_dir", run["run_dir"], "--stds", "0.0801,0.0804", "--output_dir", str(out)])
+    assert not out.exists()
+    # The pipeline export refuses the same names with the same check.
+    with pytest.raises(ValueError, match="share the folder ema-0.080"):
+        export_pipelines(run["run_dir"], "0.0801,0.0804", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("kind", ["power", "traditional"])
+def test_checkpoint_ema_state_is_safetensors_and_json_and_round_trips_exactly(kind, tmp_path):
+    from edm2_diffusers.training.checkpoint import load_ema_state, save_ema_state
+
+    net = EDM2UNet2DModel(**tiny_unet_config())
+    ema = build_ema(net, {"type": kind})
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(cur_nimg=8 * step, batch_size=8)
+    save_ema_state(ema, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["ema.safetensors", "ema_state.json"]
+    other = build_ema(EDM2UNet2DModel(**tiny_unet_config()), {"type": kind})
+    assert not torch.equal(params_of(other._copies()[0]), params_of(ema._copies()[0]))
+    load_ema_state(other, str(tmp_path))
+    for a, b in zip(ema._copies(), other._copies()):
+        assert torch.equal(params_of(a), params_of(b))
+    assert other.num_updates == ema.num_updates == 3
+    assert getattr(other, "time", None) == getattr(ema, "time", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_unet_config
+from conftest import free_port, tiny_unet_config
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_training_loop import tiny_config
-from test_training_multiprocess import free_port
 
 from edm2_diffusers import EDM2UNet2DModel
 from edm2_diffusers.training import load_config, train

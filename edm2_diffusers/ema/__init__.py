@@ -8,7 +8,7 @@ from .power import (
     solve_posthoc_coefficients,
     std_to_exp,
 )
-from .reconstruct import PostHocEMAReconstruction, reconstruct
+from .reconstruct import PostHocEMAReconstruction, profile_folders, reconstruct
 from .snapshots import SnapshotInfo, config_fingerprint, list_snapshots, load_snapshot, snapshot_filename
 from .stds import parse_stds
 from .trackers import PowerFunctionEMA, TraditionalEMA, build_ema
@@ -26,6 +26,7 @@ __all__ = [
     "load_snapshot",
     "parse_stds",
     "power_function_beta",
+    "profile_folders",
     "profile_inner_product",
     "reconstruct",
     "snapshot_filename",

@@ -30,11 +30,13 @@ import torch
 
 from .. import __version__
 from ..ema import list_snapshots, parse_stds, reconstruct
+from ..ema.reconstruct import profile_folders
 from ..ema.snapshots import model_class_path, model_config_of
 from ..files import commit_folder, staging_path
 from ..grids import render_sample_grid
 from ..latents import load_vae
 from ..pipelines import EDM2Pipeline
+from ..run_lock import writes_into
 from ..runs import read_run_config, read_run_latent_info, read_sweep, sampling_settings, sweep_best_path
 from ..schedulers import EDMHeunScheduler
 from .checks import check_export, check_output_dir
@@ -109,15 +111,7 @@ def _resolve_stds(stds, run_dir: Path, sweep_dir) -> tuple[list[float], dict]:
         items = [sweep["std"] if s == "best" else s for s in items]
     else:
         sweep = read_sweep(run_dir, sweep_dir, required=False)
-    stds = list(dict.fromkeys(items))
-    folders = {}
-    for std in stds:
-        name = variant_folder(std)
-        if name in folders:
-            raise ValueError(
-                f"EMA stds {folders[name]} and {std} share the folder {name}; variants are named to 3 decimals"
-            )
-        folders[name] = std
+    stds = list(profile_folders(items))  # refuses stds whose folders would collide
     return stds, sweep
 
 
@@ -159,6 +153,7 @@ def _metrics_for(std: float, known: dict) -> dict:
     return {}
 
 
+@writes_into("output_dir", "run_dir")
 def export_pipelines(
     run_dir: str | os.PathLike,
     stds,
@@ -277,6 +272,7 @@ def export_pipelines(
     )
 
 
+@writes_into("output_dir", "run_dir")
 def export_model(
     run_dir: str | os.PathLike,
     unet,

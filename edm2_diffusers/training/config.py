@@ -104,6 +104,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "sigma_min": (0.002, float, "smallest noise level of the sampler"),
         "sigma_max": (80.0, float, "largest noise level of the sampler"),
         "rho": (7.0, float, "rho of the Karras et al. noise-level schedule"),
+        "clip_sample": (False, bool, "clip the denoised image to [-range, range] at every sampler step"),
+        "clip_sample_range": (1.0, float, "bound of clip_sample (edm2-multi-gpu clips pixels to [-1, 1])"),
         "grid_rows": (8, int, "rows of the sample grid (one class per row for class-conditional models)"),
         "grid_cols": (8, int, "columns of the sample grid"),
         "seed": (0, int, "seed of the grid's noise (the same every time, so progress is visible)"),
@@ -327,6 +329,8 @@ def validate_config(cfg: dict) -> dict:
         raise ValueError("sampling.num_inference_steps, grid_rows and grid_cols must be positive")
     if not 0 < samp["sigma_min"] < samp["sigma_max"]:
         raise ValueError("sampling needs 0 < sigma_min < sigma_max")
+    if not samp["clip_sample_range"] > 0:
+        raise ValueError(f"sampling.clip_sample_range must be positive, got {samp['clip_sample_range']}")
     if train["push_to_hub"]:
         if not train["export_pipeline"]:
             raise ValueError("--push_to_hub pushes the final export: it needs training.export_pipeline true")
