@@ -271,3 +271,25 @@ def test_script_flags_override_the_yaml(tmp_path):
     assert [s for s, _ in list_checkpoints(out)] == [2]  # 0: only the final checkpoint
     assert json.loads((out / "checkpoint-2" / "training_state.json").read_text())["images_seen"] == 8
     assert len(list((out / "phema").glob("*.safetensors"))) == 2
+
+
+def test_traditional_ema_with_posthoc_profiles_writes_snapshots_and_exports_the_traditional_average(tmp_path):
+    cfg = load_config(
+        tiny_config(tmp_path, max_train_steps=4, checkpointing_steps=0, output_dir=str(tmp_path / "run"))
+    )
+    cfg["ema"] = {
+        "type": "traditional",
+        "beta": 0.9,
+        "warmup": "ema_pytorch",
+        "posthoc": {"stds": [0.05, 0.1], "snapshot_every_steps": 3},
+    }
+    result = train(cfg)
+    out = tmp_path / "run"
+    # The tracker decides its snapshots: every 3 steps and at the last step, for both profiles.
+    steps = sorted({int(p.name.split("-")[1]) for p in (out / "phema").glob("phema-*.safetensors")})
+    assert steps == [3, 4] and len(list((out / "phema").glob("*.safetensors"))) == 4
+    # The export holds the traditional average the run evaluated, as it is.
+    exported = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    ((_, net),) = result.ema.averaged_models()
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(exported[name], value.to(exported[name].dtype), rtol=0, atol=0)

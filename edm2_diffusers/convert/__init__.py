@@ -1,4 +1,4 @@
-"""Checkpoint conversion: NVIDIA's official EDM2 networks and edm2-multi-gpu checkpoints."""
+"""Checkpoint conversion: NVIDIA's official EDM2 networks and edm2-multi-gpu checkpoints (C, E and its own G)."""
 
 from .multigpu import from_multigpu, multigpu_to_config
 from .official import config_to_official, from_official, official_to_config, to_official

@@ -4,6 +4,11 @@ Sampling follows EDM2 (Karras et al. 2024): the EDM Heun sampler by default, any
 guidance with a second, weaker network as in "Guiding a Diffusion Model with a Bad Version of Itself" (Karras et al.
 2024); latent models decode through a Stable Diffusion ``AutoencoderKL`` after undoing EDM2's per-channel latent
 standardization.
+
+Bundling rule: exports carry this file as diffusers custom code, flattened by ``edm2_diffusers.hub.remote_code``
+together with the package modules it imports. It may therefore import only torch, numpy, diffusers and the ground
+floor (``edm``, ``latents``, ``models``, ``schedulers``, ``pipelines``), never ``ema``, ``runs``, ``hub``, ``training``
+or ``evaluation`` (checked by the import-linter layers and ``tests/test_architecture.py``).
 """
 
 from __future__ import annotations

@@ -2,6 +2,11 @@
 
 EDM2 (Karras et al. 2024) samples with exactly this solver: the ρ-schedule of Eq. 5 (EDM), deterministic by default,
 N steps costing 2N−1 network evaluations because the last step, to σ = 0, is a plain Euler step.
+
+Bundling rule: exports carry this file as diffusers custom code, flattened by ``edm2_diffusers.hub.remote_code``
+together with the package modules it imports. It may therefore import only torch, numpy, diffusers and the ground
+floor (``edm``, ``latents``, ``models``, ``schedulers``, ``pipelines``), never ``ema``, ``runs``, ``hub``, ``training``
+or ``evaluation`` (checked by the import-linter layers and ``tests/test_architecture.py``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ What is exported:
   of the last step with :func:`edm2_diffusers.hub.export_run`. The loop writes a snapshot at the last step whatever
   ``ema.snapshot_every_steps`` says, so a run can always be exported (and reconstructed) where it ended;
 * traditional EMA: its single average, as it is, with :func:`edm2_diffusers.hub.export_model` (it has no snapshots,
-  so other EMA lengths cannot be made from it);
+  so other EMA lengths cannot be made from it, unless ``ema.posthoc`` tracked power-function profiles beside it:
+  their snapshots in ``output_dir/phema`` export with ``examples/export_pipeline.py --run_dir RUN --stds ...``);
 * no EMA (``ema: null``): nothing; a warning says so when the run starts.
 
 Latent runs carry their standardization constants (``latent_info.json``) into the pipeline, and the VAE of
@@ -117,7 +118,7 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
             export_run(output_dir, target, stds=list(ema.stds), step=step, overwrite=True, hub_model_id=repo_id)
         else:
             ((_, net),) = ema.averaged_models()
-            description = {"type": "traditional", "beta": ema.beta, "warmup_steps": ema.warmup_steps}
+            description = ema.description()
             export_model(output_dir, net, target, step, images_seen, ema=description, overwrite=True, repo_id=repo_id)
         if train_cfg["push_to_hub"]:
             push_to_hub(target, repo_id, private=train_cfg["hub_private_repo"], token=hub_token)
