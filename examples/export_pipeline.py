@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--push_to_hub", action="store_true", help="upload the export to the Hugging Face Hub")
     parser.add_argument("--hub_model_id", default=None, help="repository to push to, USER/NAME")
     parser.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
-    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument(
+        "--hub_private_repo", "--private", action="store_true", help="create the repository private (alias --private)"
+    )
     parser.add_argument("--commit_message", default=None, help="message of the Hub commit")
     return parser.parse_args(argv)
 
@@ -68,7 +70,7 @@ def main(argv=None):
         commit = push_to_hub(
             result.output_dir,
             repo_id,
-            private=args.private,
+            private=args.hub_private_repo,
             token=args.hub_token,
             commit_message=args.commit_message,
         )

@@ -4,7 +4,7 @@ from .checks import check_export
 from .export import ExportResult, default_stds, export_model, export_pipelines, export_run, variant_folder
 from .loading import load_pipeline
 from .model_card import EXPORT_INFO_NAME, build_model_card, read_export_info, template_text
-from .push import push_to_hub, resolve_repo_id
+from .push import check_push_access, push_to_hub, resolve_repo_id
 from .remote_code import BundleError, bundle_module, write_custom_code
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "build_model_card",
     "bundle_module",
     "check_export",
+    "check_push_access",
     "default_stds",
     "export_model",
     "export_pipelines",

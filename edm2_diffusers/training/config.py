@@ -38,7 +38,13 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "cache_dir": (None, str, "where `datasets` caches downloads"),
         "image_column": ("image", str, "column holding the images (latent datasets: 'latents' unless set otherwise)"),
         "label_column": (None, str, "column holding class labels (class-conditional models only)"),
-        "resolution": (None, int, "resize (shorter side) and centre-crop images to this size; null: keep as stored"),
+        "resolution": (None, int, "resize (shorter side) and crop images to this size; null: keep as stored"),
+        "center_crop": (
+            True,
+            bool,
+            "crop the middle square after resizing (default); false: a random square per image and epoch, seeded "
+            "(diffusers' RandomCrop)",
+        ),
         "random_flip": (False, bool, "random horizontal flips"),
         "max_train_samples": (None, int, "train on the first N examples only (quick tests)"),
         "crop": (
@@ -67,7 +73,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "P_mean": (-1.2, float, "mean of ln(sigma) in training"),
         "P_std": (1.2, float, "standard deviation of ln(sigma) in training"),
         "sigma_data": (0.5, float, "standard deviation of the data"),
-        "mixed_precision": ("no", str, "no | fp16 | bf16"),
+        "mixed_precision": (
+            None,
+            str,
+            "no | fp16 | bf16 (default: Accelerate's setting, from `accelerate config` or `accelerate launch "
+            "--mixed_precision`); the run records the precision it used",
+        ),
         "seed": (0, int, "seed of initialisation, data order, noise levels and flips"),
         "checkpointing_steps": (500, int, "save a checkpoint every N optimizer steps (0: only at the end)"),
         "checkpoints_total_limit": (None, int, "keep at most this many checkpoints"),
@@ -80,7 +91,21 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "export_pipeline": (True, bool, "at the end, export the EMA variants (ema.stds) to output_dir/pipeline"),
         "push_to_hub": (False, bool, "push the final export to the Hub repository hub_model_id"),
         "hub_model_id": (None, str, "Hub repository (USER/NAME or NAME) to push to; named in the model card"),
-        "hub_private": (False, bool, "create the Hub repository private"),
+        "hub_private_repo": (False, bool, "create the Hub repository private"),
+        "pretrained_model_name_or_path": (
+            None,
+            str,
+            "fine-tune: start from the U-Net of an exported pipeline (folder or Hub id); its model config is used",
+        ),
+        "variant": (None, str, "weight variant of pretrained_model_name_or_path's U-Net (e.g. ema0100)"),
+        "base_model": (None, str, "recorded by the run: the model it was fine-tuned from (for the model card)"),
+        "torch_compile": (
+            False,
+            bool,
+            "torch.compile the U-Net for training and the sampler of the sample grids (also on when Accelerate's "
+            "dynamo backend is set)",
+        ),
+        "compile_backend": (None, str, "torch.compile backend (default: Accelerate's dynamo backend, else inductor)"),
         "lr_schedule": (
             "images",
             str,
@@ -124,6 +149,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
 }
 
 SECTIONS = ("model", "data", "training", "ema", "sampling")
+
+# Older spellings of config keys, still read from YAML files.
+ALIASES = {"training": {"hub_private": "hub_private_repo"}}
 
 # Setting one of these on the command line clears the keys it replaces, so a flag wins over a YAML value that is
 # spelled differently (e.g. --train_batch_size over the YAML's total_batch_size).
@@ -221,6 +249,7 @@ def merge_config(cfg: dict, update: dict, source: str = "config") -> dict:
             cfg["model"].update(copy.deepcopy(values))
             continue
         for key, value in values.items():
+            key = ALIASES.get(section, {}).get(key, key)
             if key not in SCHEMA[section]:
                 raise ValueError(
                     f"{source}: unknown config key '{section}.{key}'; known keys of {section!r}: "
@@ -289,8 +318,10 @@ def validate_config(cfg: dict) -> dict:
         ValueError: naming the first problem found.
     """
     data, train, samp = cfg["data"], cfg["training"], cfg["sampling"]
-    if not cfg.get("model"):
-        raise ValueError("the config has no 'model' section (EDM2UNet2DModel arguments)")
+    if not cfg.get("model") and train["pretrained_model_name_or_path"] is None:
+        raise ValueError(
+            "the config has no 'model' section (EDM2UNet2DModel arguments) and no --pretrained_model_name_or_path"
+        )
     if train["output_dir"] is None:
         raise ValueError("no output directory: pass --output_dir (or set training.output_dir)")
     sources = ("hub", "imagefolder", "latents", "sklearn_digits", "memory")
@@ -320,7 +351,7 @@ def validate_config(cfg: dict) -> dict:
         raise ValueError(f"training.learning_rate must be positive, got {train['learning_rate']}")
     if train["P_std"] <= 0 or train["sigma_data"] <= 0:
         raise ValueError("training.P_std and training.sigma_data must be positive")
-    if train["mixed_precision"] not in ("no", "fp16", "bf16"):
+    if train["mixed_precision"] not in (None, "no", "fp16", "bf16"):
         raise ValueError(f"training.mixed_precision must be no, fp16 or bf16, got {train['mixed_precision']!r}")
     _validate_schedule_and_precision(cfg)
     if train["cpu_threads"] is not None and train["cpu_threads"] < 1:

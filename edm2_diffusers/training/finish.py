@@ -17,14 +17,16 @@ Latent runs carry their standardization constants (``latent_info.json``) into th
 from __future__ import annotations
 
 import json
-import logging
 import os
 
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list
+
 from ..ema import PowerFunctionEMA
-from ..hub import EXPORT_INFO_NAME, export_model, export_run, push_to_hub
+from ..hub import EXPORT_INFO_NAME, check_push_access, export_model, export_run, push_to_hub
 from ..runs import PIPELINE_SUBDIR, pipeline_dir
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def check_export_target(cfg: dict, warn: bool = True) -> None:
@@ -53,6 +55,28 @@ def check_export_target(cfg: dict, warn: bool = True) -> None:
             f"{target} holds files that are not a pipeline export; the run would export into it at the end. Move "
             "them away, or pass --no-export_pipeline"
         )
+
+
+def check_push_target(cfg: dict, accelerator, token: str | None = None) -> None:
+    """Before training, with ``training.push_to_hub``: the token is valid and may write to ``hub_model_id``.
+
+    The main process asks the Hub (:func:`~edm2_diffusers.hub.check_push_access`); every process stops on a failure.
+
+    Raises:
+        ValueError: no token, a rejected token, or no write access.
+    """
+    if not cfg["training"]["push_to_hub"]:
+        return
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            repo_id = check_push_access(cfg["training"]["hub_model_id"], token)
+            logger.info("the Hub token may push to %s", repo_id)
+        except ValueError as err:
+            problem = str(err)
+    (problem,) = broadcast_object_list([problem])
+    if problem:
+        raise ValueError(f"{problem} (checked before training, nothing was written)")
 
 
 def _earlier_export_step(target: str) -> int | None:
@@ -97,7 +121,7 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
             description = ema.description()
             export_model(output_dir, net, target, step, images_seen, ema=description, overwrite=True, repo_id=repo_id)
         if train_cfg["push_to_hub"]:
-            push_to_hub(target, repo_id, private=train_cfg["hub_private"], token=hub_token)
+            push_to_hub(target, repo_id, private=train_cfg["hub_private_repo"], token=hub_token)
     except Exception as err:
         raise RuntimeError(
             f"training finished at step {step} and its checkpoint is complete, but exporting or pushing {target} "
@@ -108,4 +132,4 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
     return target
 
 
-__all__ = ["check_export_target", "export_trained_run"]
+__all__ = ["check_export_target", "check_push_target", "export_trained_run"]

@@ -18,13 +18,14 @@ latents from them with the micro-step's seed, like its σ and ε. At the end the
 from __future__ import annotations
 
 import contextlib
-import logging
+import copy
 import math
 import os
 import time
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from ..data import (
@@ -47,14 +48,17 @@ from ..runs import (
     write_run_latent_info,
 )
 from . import checkpoint as ckpt
+from .compile import CompileWatch, compile_options, compiled_sampler
 from .config import validate_config
-from .finish import check_export_target, export_trained_run
+from .finish import check_export_target, check_push_target, export_trained_run
 from .loss import EDM2TrainingLoss, sample_sigma, zero_nonfinite_grads_
+from .pretrained import build_unet
 from .schedule import schedule_in_images, step_learning_rate
 from .setup import batch_sizes, check_latents, flat_config, load_sampling_vae, make_accelerator
 from .state import NonFiniteLossError, TrainingResult, TrainingState, micro_step_seed
+from .trackers import log_sample_grid
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def train_dataloader(train_set, per_device: int, train_cfg: dict) -> torch.utils.data.DataLoader:
@@ -147,6 +151,9 @@ class _Run:
     step_images: int = 0  # images of the last optimizer step over all processes (smaller on a partial batch)
     state: TrainingState = field(default_factory=TrainingState)
     result: TrainingResult | None = None
+    compile_options: dict | None = None  # torch.compile arguments (None: eager)
+    compile_watch: CompileWatch = field(default_factory=CompileWatch)
+    compiled_samplers: dict = field(default_factory=dict)
 
     @property
     def main(self) -> bool:
@@ -158,7 +165,7 @@ class _Run:
 
 
 def _train(cfg: dict, dataset, hub_token: str | None, run_lock: RunLock) -> TrainingResult:
-    run = _prepare(cfg, dataset, run_lock)
+    run = _prepare(cfg, dataset, run_lock, hub_token)
     _start(run)
     if run.state.step >= run.max_steps:
         if run.main:
@@ -169,23 +176,29 @@ def _train(cfg: dict, dataset, hub_token: str | None, run_lock: RunLock) -> Trai
     progress = _progress(run.main, run.state.step, run.max_steps)
     speed = _Speed()
     while run.state.step < run.max_steps:
-        mean_loss = _optimizer_step(run, stream)
+        with _watch(run, "training"):
+            mean_loss = _optimizer_step(run, stream)
         _after_step(run, mean_loss, speed(run.global_batch), progress)
     if progress is not None:
         progress.close()
     return _finish(run, hub_token)
 
 
-def _prepare(cfg: dict, dataset, run_lock: RunLock) -> _Run:
-    """Check everything that can be checked — config, checkpoint, data, VAE, export folder — writing nothing."""
+def _prepare(cfg: dict, dataset, run_lock: RunLock, hub_token: str | None = None) -> _Run:
+    """Check everything that can be checked — config, checkpoint, data, VAE, export folder, Hub access — writing
+    nothing. ``cfg`` is copied and completed with what the run resolves (precision, compilation, pretrained model)."""
+    cfg = copy.deepcopy(cfg)
     data_cfg, train_cfg = cfg["data"], cfg["training"]
     output_dir = train_cfg["output_dir"]
     accelerator = make_accelerator(train_cfg)
+    train_cfg["mixed_precision"] = str(accelerator.mixed_precision)  # as resolved: config, flag or Accelerate's
+    options = compile_options(train_cfg)
+    train_cfg["torch_compile"], train_cfg["compile_backend"] = options is not None, options and options["backend"]
     per_device, global_batch = batch_sizes(train_cfg, accelerator.num_processes)
     run_lock.take(accelerator, create=False)  # an existing run folder: before reading its checkpoints
 
     torch.manual_seed(train_cfg["seed"])
-    unet = EDM2UNet2DModel(**cfg["model"])
+    unet = build_unet(cfg)
     resume_dir = ckpt.resolve_resume(train_cfg["resume_from_checkpoint"], output_dir)
     if resume_dir is not None:
         ckpt.check_architecture(resume_dir, unet.config)
@@ -199,10 +212,11 @@ def _prepare(cfg: dict, dataset, run_lock: RunLock) -> _Run:
     source = resolve_source(data_cfg, dataset)
     hf_dataset = load_train_dataset(data_cfg, dataset)
     resolution = check_dataset(hf_dataset, data_cfg, cfg["model"], source)
-    train_set = build_image_dataset(hf_dataset, data_cfg, cfg["model"], source, resolution)
+    train_set = build_image_dataset(hf_dataset, data_cfg, cfg["model"], source, resolution, seed=train_cfg["seed"])
     latent_info = check_latents(source, hf_dataset, output_dir, resume_dir)
     vae = load_sampling_vae(cfg["sampling"], latent_info, accelerator.device, load=accelerator.is_main_process)
     check_export_target(cfg, warn=accelerator.is_main_process)
+    check_push_target(cfg, accelerator, hub_token)
     if len(train_set) < global_batch:
         raise ValueError(f"the dataset has {len(train_set)} images, fewer than one global batch of {global_batch}")
     dataloader = train_dataloader(train_set, per_device, train_cfg)
@@ -222,6 +236,7 @@ def _prepare(cfg: dict, dataset, run_lock: RunLock) -> _Run:
         vae=vae,
         warmup_images=warmup_images,
         decay_ref_images=decay_ref_images,
+        compile_options=options,
     )
 
 
@@ -230,7 +245,12 @@ def _start(run: _Run) -> None:
     cfg, train_cfg, accelerator = run.cfg, run.cfg["training"], run.accelerator
     output_dir = train_cfg["output_dir"]
     run.unet.train()
-    loss_module = EDM2TrainingLoss(run.unet, sigma_data=train_cfg["sigma_data"], reduction=train_cfg["loss_reduction"])
+    loss_module = EDM2TrainingLoss(
+        run.unet,
+        sigma_data=train_cfg["sigma_data"],
+        reduction=train_cfg["loss_reduction"],
+        compile_options=run.compile_options,
+    )
     optimizer = torch.optim.Adam(
         run.unet.parameters(),
         lr=train_cfg["learning_rate"],
@@ -395,6 +415,8 @@ def _save_checkpoint(run: _Run) -> None:
         "batch_in_epoch": batch,
         "num_processes": accelerator.num_processes,
         "global_batch_size": run.global_batch,
+        "mixed_precision": train_cfg["mixed_precision"],
+        "torch_compile": train_cfg["torch_compile"],
     }
     run.result.last_checkpoint = ckpt.save_checkpoint(
         accelerator, output_dir, state.step, dict(run.unet.config), summary, ema=run.ema
@@ -411,6 +433,8 @@ def _finish(run: _Run, hub_token: str | None) -> TrainingResult:
     result, state = run.result, run.state
     result.step, result.images_seen = state.step, state.images_seen
     result.is_main_process = run.main
+    if run.compile_options is not None:
+        result.compile_stats = run.compile_watch.report()
     if run.main:
         logger.info(
             "done: %d steps, %d images seen; last checkpoint %s", state.step, state.images_seen, result.last_checkpoint
@@ -443,9 +467,10 @@ def _write_samples(run: _Run, step: int) -> str:
     net = run.ema.averaged_models()[0][1] if run.ema is not None else run.unet
     was_training = net.training
     latent_kwargs = run.standardizer.pipeline_kwargs() if run.standardizer is not None else {}
-    pipe = EDM2Pipeline(unet=net, scheduler=scheduler_from_config(cfg), vae=run.vae, **latent_kwargs)
+    sampler = compiled_sampler(net, run.compile_options, run.compiled_samplers)
+    pipe = EDM2Pipeline(unet=sampler, scheduler=scheduler_from_config(cfg), vae=run.vae, **latent_kwargs)
     try:
-        with sampling_autocast(cfg, run.accelerator.device):  # fp16 autocast on a GPU when the config says so
+        with sampling_autocast(cfg, run.accelerator.device), _watch(run, "sampling"):
             image = render_sample_grid(
                 pipe, sampling["grid_rows"], sampling["grid_cols"], sampling["num_inference_steps"], sampling["seed"]
             )
@@ -454,7 +479,14 @@ def _write_samples(run: _Run, step: int) -> str:
     path = os.path.join(cfg["training"]["output_dir"], SAMPLES_SUBDIR, f"step-{step:07d}.png")
     save_png_atomic(image, path)
     logger.info("sample grid: %s", path)
+    if cfg["training"]["report_to"] != "none":
+        log_sample_grid(run.accelerator, image, step)
     return path
+
+
+def _watch(run: _Run, phase: str):
+    """Count compiled graphs of a training step or a sample grid (a no-op for eager runs)."""
+    return run.compile_watch.count(phase) if run.compile_options is not None else contextlib.nullcontext()
 
 
 __all__ = ["NonFiniteLossError", "TrainingResult", "TrainingState", "micro_step_seed", "train"]

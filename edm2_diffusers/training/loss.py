@@ -76,21 +76,26 @@ class EDM2TrainingLoss(nn.Module):
     """The module Accelerate wraps for training: holds the U-Net, computes :func:`edm2_loss` in ``forward``.
 
     Wrapping both F_θ and u(σ) in one ``forward`` lets DistributedDataParallel see every parameter used in the loss.
-    Its state dict is the U-Net's with the prefix ``unet.``.
+    Its state dict is the U-Net's with the prefix ``unet.``, also when compiled: ``compile_options`` compile the loss
+    function (and the U-Net's forward inside it), not the module.
 
     Args:
         unet: the :class:`~edm2_diffusers.EDM2UNet2DModel` to train.
         sigma_data (`float`): σ_data.
         reduction (`str`): ``"mean"`` or ``"sum_per_image"`` (see :func:`edm2_loss`).
+        compile_options (`dict`, *optional*): ``torch.compile`` keyword arguments (``None``: eager).
     """
 
-    def __init__(self, unet: nn.Module, sigma_data: float = 0.5, reduction: str = "mean"):
+    def __init__(
+        self, unet: nn.Module, sigma_data: float = 0.5, reduction: str = "mean", compile_options: dict | None = None
+    ):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
         self.unet = unet
         self.sigma_data = sigma_data
         self.reduction = reduction
+        self._loss = torch.compile(edm2_loss, **compile_options) if compile_options is not None else edm2_loss
 
     def forward(
         self,
@@ -99,7 +104,7 @@ class EDM2TrainingLoss(nn.Module):
         noise: torch.Tensor,
         class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return edm2_loss(
+        return self._loss(
             self.unet,
             images,
             sigma,
