@@ -17,7 +17,10 @@ import torch
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .fid import FeatureFrechetDistance, FeatureStats, get_feature_extractor
+from ..data import EDM2ImageDataset, load_train_dataset
+from .digits import default_cache_dir, load_digits_split
+from .extractors import extractor_name, get_feature_extractor
+from .fid import FeatureFrechetDistance, FeatureStats
 from .generation import FeatureCache, iter_generated_features, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -39,10 +42,6 @@ class EvaluationOutput(BaseOutput):
     num_images: int
     feature_extractor: str
     confident: float | None = None
-
-
-def extractor_name(feature_extractor: nn.Module) -> str:
-    return str(getattr(feature_extractor, "name", type(feature_extractor).__name__))
 
 
 def dataset_image_batches(
@@ -69,8 +68,6 @@ def dataset_image_batches(
         batch_size (`int`): images per yielded batch.
         max_images (`int`, *optional*): stop after this many images.
     """
-    from ..data import EDM2ImageDataset, load_train_dataset
-
     if dataset_name in ("digits", "sklearn_digits"):
         cfg = {"source": "sklearn_digits"}
         image_column = "image"
@@ -131,7 +128,6 @@ def reference_stats(
             raise ValueError(
                 "no reference statistics: pass --ref_stats FILE of an earlier run, or a dataset to compute them from"
             )
-        from .digits import load_digits_split
 
         def image_batches():
             return [load_digits_split("all")[0]]
@@ -151,8 +147,6 @@ def reference_stats(
 
 def default_ref_stats_path(feature_extractor_name: str, dataset: str, split: str = "train", resolution=None) -> str:
     """Where reference statistics are cached when no ``--ref_stats`` is given: the package cache folder."""
-    from .digits import default_cache_dir
-
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{dataset}-{split}-{resolution or 'native'}")
     return os.path.join(default_cache_dir(), "ref_stats", f"{slug}-{feature_extractor_name}.npz")
 
@@ -212,7 +206,7 @@ def evaluate_pipeline(
 
     Args:
         pipeline (`EDM2Pipeline`): the generator.
-        feature_extractor (`str` or `nn.Module`): ``"inception"``, ``"digits"`` or a module (see :mod:`.fid`).
+        feature_extractor (`str` or `nn.Module`): ``"inception"``, ``"digits"`` or a module (see :mod:`.extractors`).
         reference (`FeatureStats`): statistics of the real data (see :func:`reference_stats`).
         num_images (`int`): images in total (50,000 for the standard FID).
         batch_size (`int`): images per batch and process.

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 
+from ..data import EDM2ImageDataset, load_train_dataset
 from ..edm import denoise
+from .digits import load_digits_split
 
 DEFAULT_SIGMA = 0.06  # near the low end of an 18-step EDM schedule, where features are cleanest
 
@@ -223,13 +225,9 @@ def probe_dataset(
     name is loaded from the Hub through the training data code.
     """
     if dataset_name in ("digits", "sklearn_digits"):
-        from .digits import load_digits_split
-
         images, labels = load_digits_split(split)
         images = images * 2 - 1
     else:
-        from ..data import EDM2ImageDataset, load_train_dataset
-
         ds = load_train_dataset(
             {
                 "source": "hub",

@@ -28,8 +28,8 @@ from ..ema import parse_stds, reconstruct
 from ..files import atomic_path, write_text_atomic
 from ..pipelines import EDM2Pipeline
 from ..runs import SWEEP_BEST_NAME, run_scheduler
-from .evaluate import evaluate_pipeline, extractor_name
-from .fid import get_feature_extractor
+from .evaluate import evaluate_pipeline
+from .extractors import extractor_name, get_feature_extractor
 
 logger = logging.getLogger(__name__)
 
