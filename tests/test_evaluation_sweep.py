@@ -118,6 +118,51 @@ def test_sweep_is_reproducible_and_matches_direct_evaluation(tiny_run, cache_dir
     assert a.files == {}  # nothing written without an output folder
 
 
+def test_sweep_over_samplers_records_the_cheapest(tiny_run, cache_dir, tmp_path):
+    """Scheduler and step count swept with the EMA length: NFE in the CSV, a metric-vs-NFE plot, and best.json's
+    cheapest setting within the margin, which read_sweep hands to an export."""
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    from edm2_diffusers.ema import reconstruct
+
+    out = str(tmp_path / "sweep")
+    ref = digits_reference_stats()
+    kw = dict(num_images=12, batch_size=6, output_dir=out, progress=False)
+    samplers = "heun:3,dpmsolver:3,euler:2"
+    result = sweep_ema(tiny_run, "0.05,0.10", "digits", ref, samplers=samplers, margin="1000%", **kw)
+    with open(os.path.join(out, "sweep.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["std"], r["scheduler"], r["num_inference_steps"], r["nfe"]) for r in rows[:3]] == [
+        ("0.05", "EDMHeunScheduler", "3", "5"),
+        ("0.05", "EDMDPMSolverMultistepScheduler", "3", "3"),
+        ("0.05", "EDMEulerScheduler", "2", "2"),
+    ]
+    assert len(rows) == 6 and len({r["fd"] for r in rows}) == 6
+    # A row is the same evaluation as the pipeline with that scheduler, built from the run's sampler settings.
+    rec = reconstruct(tiny_run, [0.10])
+    dpm = EDMDPMSolverMultistepScheduler.from_config(run_scheduler(tiny_run).config)
+    direct = evaluate_pipeline(EDM2Pipeline(rec.model(0), dpm), "digits", ref, 12, 6, 3, progress=False)
+    assert float(rows[4]["fd"]) == pytest.approx(direct.fd, rel=1e-6)
+
+    with Image.open(os.path.join(out, "sweep_nfe.png")) as img:
+        assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 10
+    best = json.loads(Path(out, "best.json").read_text())
+    fds = {(float(r["std"]), int(r["nfe"])): float(r["fd"]) for r in rows}
+    assert best["value"] == pytest.approx(min(fds.values()))
+    # With a margin of 1000 %, every sampler at the best std qualifies: the cheapest is Euler with 2 evaluations.
+    assert best["cheapest"]["nfe"] == 2 and best["cheapest"]["scheduler"] == "EDMEulerScheduler"
+    assert best["cheapest"]["std"] == best["std"] == result.best_std
+    assert best["cheapest"]["value"] == pytest.approx(fds[(best["std"], 2)])
+    assert len(best["samplers"]) == 6 and len(best["results"]) == 2  # results: each std under the best's sampler
+    info = read_sweep(tiny_run, out)
+    assert info["cheapest"]["num_inference_steps"] == 2 and info["sampler"]["nfe"] == best["sampler"]["nfe"]
+    assert set(info["metrics"]) == {0.05, 0.10}
+
+    # A tight margin keeps the best setting itself.
+    tight = sweep_ema(tiny_run, "0.10", "digits", ref, samplers="heun:3,euler:2", margin="0%", **kw, overwrite=True)
+    assert tight.cheapest["nfe"] == tight.best_row["nfe"]
+
+
 def test_run_scheduler_reads_run_config(tiny_run, tmp_path):
     sched = run_scheduler(tiny_run)
     assert sched.config.sigma_max == 80.0 and sched.config.sigma_data == 0.5
