@@ -30,7 +30,12 @@ from accelerate import Accelerator
 
 from edm2_diffusers.distributed import cpu_process_group
 from edm2_diffusers.ema import list_snapshots, parse_stds
-from edm2_diffusers.evaluation.evaluate import add_reference_args, extractor_from_args, reference_from_args
+from edm2_diffusers.evaluation.evaluate import (
+    add_reference_args,
+    extractor_from_args,
+    fill_dataset_args,
+    reference_from_args,
+)
 from edm2_diffusers.evaluation.samplers import parse_samplers
 from edm2_diffusers.evaluation.sweep import DEFAULT_MARGIN, parse_margin, sweep_ema
 
@@ -68,6 +73,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not os.path.isdir(args.run_dir):
         raise FileNotFoundError(f"--run_dir {args.run_dir!r} is not a directory")
+    # The reference images are the run's dataset (its config.yaml); the digits extractor has its own reference.
+    fill_dataset_args(args, args.run_dir if args.feature_extractor != "digits" else None)
     accelerator = Accelerator(cpu=cpu_process_group())
     extractor = extractor_from_args(args)
     channels = list_snapshots(args.run_dir)[0].model_config.get("in_channels", 3)

@@ -17,7 +17,8 @@ import torch
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..data import EDM2ImageDataset, load_train_dataset
+from ..data import EDM2ImageDataset, dataset_columns, load_train_dataset, resolve_source
+from ..runs import read_run_config
 from .digits import default_cache_dir, load_digits_split
 from .extractors import extractor_name, get_feature_extractor
 from .fid import FeatureFrechetDistance, FeatureStats
@@ -281,21 +282,68 @@ __all__ = [
     "dataset_image_batches",
     "evaluate_pipeline",
     "default_ref_stats_path",
+    "fill_dataset_args",
     "reference_stats",
     "resolve_reference",
+    "run_dataset",
 ]
 
 
+def run_dataset(run_dir: str) -> dict:
+    """The dataset a run trained on, from its ``config.yaml``, in the evaluation options' names.
+
+    Returns ``dataset_name`` (``"digits"`` for scikit-learn's digits), ``train_data_dir``, ``dataset_config_name``,
+    ``dataset_split``, ``image_column``, ``label_column`` (``None`` when the run trained unconditionally),
+    ``resolution``; an empty dict for a run without a config.
+    """
+    path, cfg = read_run_config(run_dir)
+    data = dict(cfg.get("data") or {})
+    if path is None or not data:
+        return {}
+    source = resolve_source(data)
+    if source == "latents":
+        raise ValueError(f"{run_dir} trained on a latent dataset; give the image dataset with --dataset_name")
+    image_column, label_column = dataset_columns(source, data)
+    return {
+        "dataset_name": "digits" if source == "sklearn_digits" else data.get("dataset_name"),
+        "train_data_dir": data.get("train_data_dir") if source == "imagefolder" else None,
+        "dataset_config_name": data.get("dataset_config_name"),
+        "dataset_split": data.get("dataset_split") or "train",
+        "image_column": image_column,
+        "label_column": label_column,
+        "resolution": data.get("resolution"),
+    }
+
+
+_DATASET_FALLBACKS = {"dataset_split": "train", "image_column": "image", "label_column": "label"}
+
+
+def fill_dataset_args(args, run_dir: str | None) -> dict:
+    """Options left unset on the command line take the run's dataset (:func:`run_dataset`), then the defaults.
+
+    Returns the run's dataset settings (empty without a run).
+    """
+    settings = run_dataset(run_dir) if run_dir else {}
+    for key in ("dataset_name", "train_data_dir", "dataset_config_name", "resolution", *_DATASET_FALLBACKS):
+        if hasattr(args, key) and getattr(args, key) is None:
+            value = settings.get(key)
+            setattr(args, key, value if value is not None else _DATASET_FALLBACKS.get(key))
+    return settings
+
+
 def add_reference_args(parser) -> None:
-    """Command-line options shared by the evaluation scripts: the feature extractor and the reference images."""
+    """Command-line options shared by the evaluation scripts: the feature extractor and the reference images.
+
+    The dataset options default to the run's (``--run_dir``, see :func:`fill_dataset_args`).
+    """
     parser.add_argument("--feature_extractor", default="inception", choices=["inception", "digits"])
     parser.add_argument("--inception_weights", default=None, help="local torch-fidelity Inception weights file")
     parser.add_argument("--ref_stats", default=None, help=".npz of reference statistics: read, or written if missing")
     parser.add_argument("--dataset_name", default=None, help="Hub dataset of the reference images, or 'digits'")
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--train_data_dir", default=None, help="local image folder of the reference images instead")
-    parser.add_argument("--dataset_split", default="train")
-    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--dataset_split", default=None, help="default: the run's, else train")
+    parser.add_argument("--image_column", default=None, help="default: the run's, else image (CIFAR-10's is img)")
     parser.add_argument("--resolution", type=int, default=None, help="resize/crop reference images (as in training)")
 
 
