@@ -95,7 +95,7 @@ def resolve(args) -> tuple[SeedProbeProtocol | None, dict]:
     if label_column is None and run_data.get("label_column") is None and known is not None:
         args.label_column = known.label_column  # the seed configs train unconditionally: the dataset's classes
     if args.train_split is None:
-        args.train_split = args.dataset_split
+        args.train_split = run_data.get("dataset_split") or "train"
     if args.test_split is None:
         args.test_split = protocol.test_split if protocol is not None else "test"
     if protocol is not None:

@@ -212,6 +212,44 @@ def test_scripts_sweep_and_linear_probe(tiny_run, cache_dir, tmp_path, capsys):
         probe.main(["--run_dir", tiny_run, "--block", "64x64_up", "--num_epochs", "1"])
 
 
+def test_scripts_read_the_runs_dataset(tiny_run, cache_dir, tmp_path, capsys):
+    """Given a run, the scripts take its dataset, image and label columns and splits (CIFAR-10's image column is
+    `img`); a seed dataset selects edm2-multi-gpu's probe; the seed protocol runs on a digits run's exported EMA."""
+    evaluate, probe = load_script("evaluate"), load_script("linear_probe")
+    for name, label, test_split in (("cifar10", "label", "test"), ("cifar100", "fine_label", "test")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text((ROOT / "configs" / name / "E.yaml").read_text())
+        args = evaluate.parse_args(["--run_dir", str(run)])
+        assert (args.dataset_name, args.image_column, args.resolution) == (f"uoft-cs/{name}", "img", 32)
+        assert args.pipeline == os.path.join(str(run), "pipeline") and args.dataset_split == "train"
+        assert evaluate.parse_args(["--run_dir", str(run), "--image_column", "x"]).image_column == "x"
+        args = probe.parse_args(["--run_dir", str(run)])
+        protocol, _ = probe.resolve(args)
+        assert protocol is not None and protocol.timestep == 4
+        columns = (args.image_column, args.label_column, args.train_split, args.test_split)
+        assert columns == ("img", label, "train", test_split)
+        args = probe.parse_args(["--run_dir", str(run), "--protocol", "package", "--label_column", "coarse_label"])
+        assert probe.resolve(args)[0] is None and args.label_column == "coarse_label"
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "config.yaml").write_text((ROOT / "configs" / "tinyimagenet" / "C.yaml").read_text())
+    args = probe.parse_args(["--run_dir", str(tiny)])
+    assert probe.resolve(args)[0].timestep == 5 and args.test_split == "valid" and args.image_column == "image"
+
+    # The digits run: its export (the run's EMA) probed by the seed protocol, on the digits' train/test split.
+    out = probe.main(
+        ["--run_dir", tiny_run, "--protocol", "edm2-multi-gpu", "--block", "8x8_up", "--num_epochs", "2",
+         "--batch_size", "64", "--max_images", "128"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "edm2-multi-gpu protocol" in printed and out.block == "8x8_up" and len(out.learning_rates) == 2
+    assert out.sigma == pytest.approx(0.0599, abs=1e-4)
+    result = evaluate.main(["--run_dir", tiny_run, "--feature_extractor", "digits", "--num_images", "8",
+                            "--batch_size", "8", "--num_inference_steps", "2"])  # fmt: skip
+    assert result["pipeline"] == os.path.join(tiny_run, "pipeline") and math.isfinite(result["fd"])
+
+
 def test_multiprocess_generation_covers_request(tiny_run, cache_dir, tmp_path):
     """Two CPU processes split the seeds; their union is the request and the result equals one process's."""
     from edm2_diffusers.ema import reconstruct

@@ -13,6 +13,7 @@ Each is built from the run's Heun scheduler config (σ range, ρ, σ_data), so o
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
@@ -51,8 +52,10 @@ class SamplerSetting:
         return f"{self.scheduler} {self.num_inference_steps}"
 
     def make_scheduler(self, base: EDMHeunScheduler):
-        """This setting's scheduler with ``base``'s σ range, ρ and σ_data."""
-        return SCHEDULERS[self.scheduler].from_config(base.config)
+        """This setting's scheduler with ``base``'s σ range, ρ and σ_data (options it does not take are left out)."""
+        cls = SCHEDULERS[self.scheduler]
+        accepted = inspect.signature(cls.__init__).parameters
+        return cls.from_config({k: v for k, v in base.config.items() if k in accepted})
 
 
 def scheduler_name(name: str) -> str:
