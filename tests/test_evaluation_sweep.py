@@ -304,3 +304,21 @@ def test_multiprocess_generation_covers_request(tiny_run, cache_dir, tmp_path):
     single = load_script("evaluate").main(common)
     assert single["fd"] == pytest.approx(multi["fd"], rel=1e-5)
     assert single["confident"] == pytest.approx(multi["confident"])
+
+
+def test_seed_probe_on_two_processes(tiny_run, cache_dir):
+    """The seed probe over two CPU processes: the learning rate is 1e-3 × 2, the accuracy covers the test split."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "examples" / "linear_probe.py"),
+        "--run_dir", tiny_run, "--protocol", "edm2-multi-gpu", "--block", "8x8_up", "--num_epochs", "2",
+        "--batch_size", "32", "--max_images", "96",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", EDM2_DIFFUSERS_CACHE=cache_dir)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    result = json.loads(line)
+    assert result["num_processes"] == 2 and result["protocol"] == "edm2-multi-gpu"
+    assert result["learning_rates"] == pytest.approx([2e-3, 1e-3])
+    assert 0 <= result["accuracy"] <= 1 and round(result["accuracy"] * 96) == pytest.approx(result["accuracy"] * 96)
