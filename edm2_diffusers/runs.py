@@ -152,7 +152,9 @@ def read_sweep(run_dir: str | os.PathLike, sweep_dir: str | os.PathLike | None =
 
     Returns:
         `dict`: ``{"std": float, "metric": str | None, "step": int | None, "metrics": {std: {name: value}},
-        "settings": dict, "path": str}``.
+        "sampler": dict | None, "cheapest": dict | None, "settings": dict, "path": str}``; ``sampler`` and
+        ``cheapest`` (scheduler class name, ``num_inference_steps``, ``nfe``; ``cheapest`` also ``std``, ``value``,
+        ``margin``) are ``None`` for sweeps that did not record them.
     """
     path = sweep_best_path(run_dir, sweep_dir)
     if not path.is_file():
@@ -185,9 +187,25 @@ def read_sweep(run_dir: str | os.PathLike, sweep_dir: str | os.PathLike | None =
         "metric": metric if isinstance(metric, str) else None,
         "step": int(step) if isinstance(step, (int, float)) else None,
         "metrics": metrics,
+        "sampler": _sweep_sampler(best.get("sampler"), path),
+        "cheapest": _sweep_sampler(best.get("cheapest"), path),
         "settings": best.get("settings") if isinstance(best.get("settings"), dict) else {},
         "path": str(path),
     }
+
+
+def _sweep_sampler(entry, path: Path) -> dict | None:
+    """A sampler of ``best.json`` (``sampler``: the best's; ``cheapest``: the fewest network evaluations within the
+    sweep's margin of the best): ``{"scheduler": class name, "num_inference_steps", "nfe", ...}``, or ``None``."""
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("scheduler"), str):
+        raise ValueError(f"{path}: a sampler entry must name its scheduler, got {entry!r}")
+    out = dict(entry)
+    for key in ("num_inference_steps", "nfe"):
+        if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1):
+            raise ValueError(f"{path}: the sampler's {key} must be a positive integer, got {out[key]!r}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
