@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_path
+
 SNAPSHOT_SUBDIR = "phema"
 SNAPSHOT_FORMAT = "edm2-diffusers/phema-snapshot"
 SNAPSHOT_FORMAT_VERSION = "1"
@@ -82,19 +84,13 @@ def model_class_path(model: torch.nn.Module) -> str:
 
 
 def write_snapshot(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Write a safetensors file atomically: into a temporary file next to `path`, then `os.replace`.
+    """Write a safetensors file atomically (:func:`edm2_diffusers.files.atomic_path`), with the mode the umask gives.
 
-    A crash mid-write leaves at most a hidden `.tmp` file, never a truncated snapshot under the real name.
+    A crash mid-write leaves at most a hidden `.tmp-<pid>` file (removed when a run restarts), never a truncated
+    snapshot under the real name; a full disk raises `DiskFullError` naming the file.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -32,7 +32,7 @@ from .. import __version__
 from ..ema import list_snapshots, parse_stds, reconstruct
 from ..ema.reconstruct import profile_folders
 from ..ema.snapshots import model_class_path, model_config_of
-from ..files import commit_folder, staging_path
+from ..files import commit_folder, raise_if_disk_full, staging_path
 from ..grids import render_sample_grid
 from ..latents import load_vae
 from ..pipelines import EDM2Pipeline
@@ -478,8 +478,9 @@ def _write_export(
         write_model_card(staging, info, info["repo_id"])
         check_export(staging)
         commit_folder(staging, output_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        raise_if_disk_full(err, output_dir)
         raise
     result = ExportResult(
         output_dir=output_dir,

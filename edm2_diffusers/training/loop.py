@@ -233,6 +233,8 @@ def _start(run: _Run) -> None:
 
     if run.main:
         os.makedirs(output_dir, exist_ok=True)
+        for path in ckpt.remove_run_leftovers(output_dir):  # of killed runs; the lock says none is live
+            logger.info("removed %s, left by an interrupted run", path)
         if run.resume_dir is None:
             write_run_config(output_dir, cfg)
         if run.latent_info is not None:
