@@ -55,6 +55,7 @@ FLAGS = {
     "checkpointing_steps": "training.checkpointing_steps",
     "checkpoints_total_limit": "training.checkpoints_total_limit",
     "resume_from_checkpoint": "training.resume_from_checkpoint",
+    "rewind": "training.rewind",
     "sample_every_steps": "training.sample_every_steps",
     "dataloader_num_workers": "training.dataloader_num_workers",
     "cpu_threads": "training.cpu_threads",

@@ -37,7 +37,7 @@ from ..grids import render_sample_grid
 from ..latents import load_vae
 from ..pipelines import EDM2Pipeline
 from ..run_lock import writes_into
-from ..runs import read_run_config, read_run_latent_info, read_sweep, sampling_settings, sweep_best_path
+from ..runs import read_run_config, read_run_latent_info, read_sweep, run_history, sampling_settings, sweep_best_path
 from ..schedulers import EDMHeunScheduler
 from .checks import check_export, check_output_dir
 from .model_card import write_model_card
@@ -452,6 +452,7 @@ def _write_export(
                 "step": int(step),
                 "nimg": int(nimg),
                 "config_file": config_path.name if config_path else None,
+                "history": run_history(run_dir, step),  # run id, branch, settings changed on resume (run.json)
             },
             "model": {
                 "class": model_class,

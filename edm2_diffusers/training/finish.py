@@ -55,7 +55,8 @@ def check_export_target(cfg: dict, warn: bool = True) -> None:
         )
 
 
-def _earlier_export_step(target: str) -> int | None:
+def export_step(target: str) -> int | None:
+    """The training step an export of this package holds (``None``: no export there)."""
     try:
         with open(os.path.join(target, EXPORT_INFO_NAME), encoding="utf-8") as f:
             return int(json.load(f)["run"]["step"])
@@ -88,7 +89,7 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
     target = pipeline_dir(output_dir)
     repo_id = train_cfg["hub_model_id"]
     try:
-        if _earlier_export_step(target) == step:
+        if export_step(target) == step:
             logger.info("%s already holds the export of step %d", target, step)
         elif isinstance(ema, PowerFunctionEMA):
             export_run(output_dir, target, stds=list(ema.stds), step=step, overwrite=True, hub_model_id=repo_id)
@@ -108,4 +109,4 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
     return target
 
 
-__all__ = ["check_export_target", "export_trained_run"]
+__all__ = ["check_export_target", "export_step", "export_trained_run"]

@@ -38,11 +38,12 @@ from ..grids import render_sample_grid, save_png_atomic
 from ..models import EDM2UNet2DModel
 from ..pipelines import EDM2Pipeline
 from ..run_lock import RunLock
-from ..runs import SAMPLES_SUBDIR, scheduler_from_config, write_run_config, write_run_latent_info
+from ..runs import SAMPLES_SUBDIR, scheduler_from_config, write_run_latent_info
 from . import checkpoint as ckpt
 from .config import validate_config
 from .finish import check_export_target, export_trained_run
 from .loss import EDM2TrainingLoss, sample_sigma
+from .rewind import open_run, plan_rewind
 from .schedule import learning_rate, schedule_in_images
 from .setup import batch_sizes, check_latents, flat_config, load_sampling_vae, make_accelerator
 from .state import NonFiniteLossError, TrainingResult, TrainingState, micro_step_seed
@@ -108,6 +109,7 @@ class _Run:
     unet: EDM2UNet2DModel
     ema: object | None
     resume_dir: str | None
+    rewind: list[str]
     per_device: int
     global_batch: int
     train_set: object
@@ -168,6 +170,7 @@ def _prepare(cfg: dict, dataset, run_lock: RunLock) -> _Run:
             f"{output_dir!r} already holds checkpoints of another run; pass --resume_from_checkpoint latest to "
             "continue it, or choose a fresh --output_dir"
         )
+    rewind = plan_rewind(cfg, resume_dir)  # refuses to continue beside a later trajectory without training.rewind
     ema = build_ema(unet, cfg["ema"]) if cfg.get("ema") is not None else None  # validates on every process
 
     source = resolve_source(data_cfg, dataset)
@@ -195,6 +198,7 @@ def _prepare(cfg: dict, dataset, run_lock: RunLock) -> _Run:
         unet=unet,
         ema=ema,
         resume_dir=resume_dir,
+        rewind=rewind,
         per_device=per_device,
         global_batch=global_batch,
         train_set=train_set,
@@ -235,8 +239,7 @@ def _start(run: _Run) -> None:
         os.makedirs(output_dir, exist_ok=True)
         for path in ckpt.remove_run_leftovers(output_dir):  # of killed runs; the lock says none is live
             logger.info("removed %s, left by an interrupted run", path)
-        if run.resume_dir is None:
-            write_run_config(output_dir, cfg)
+        open_run(cfg, run.resume_dir, run.rewind, run.ema)  # run.json, config.yaml, an abandoned branch moved aside
         if run.latent_info is not None:
             write_run_latent_info(output_dir, run.latent_info)
     accelerator.wait_for_everyone()
