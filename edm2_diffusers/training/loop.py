@@ -42,11 +42,11 @@ from ..runs import SAMPLES_SUBDIR, scheduler_from_config, write_run_latent_info
 from . import checkpoint as ckpt
 from .config import validate_config
 from .finish import check_export_target, export_trained_run
-from .loss import EDM2TrainingLoss, sample_sigma
+from .loss import EDM2TrainingLoss
 from .rewind import open_run, plan_rewind
 from .schedule import learning_rate, schedule_in_images
 from .setup import batch_sizes, check_latents, flat_config, load_sampling_vae, make_accelerator
-from .state import NonFiniteLossError, TrainingResult, TrainingState, micro_step_seed
+from .state import GlobalBatchDraws, NonFiniteLossError, TrainingResult, TrainingState, micro_step_seed
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class _Run:
     max_steps: int = 0
     state: TrainingState = field(default_factory=TrainingState)
     result: TrainingResult | None = None
+    record_resume: object = None  # writes run.json's record of this resume with its first checkpoint (.rewind)
 
     @property
     def main(self) -> bool:
@@ -239,7 +240,7 @@ def _start(run: _Run) -> None:
         os.makedirs(output_dir, exist_ok=True)
         for path in ckpt.remove_run_leftovers(output_dir):  # of killed runs; the lock says none is live
             logger.info("removed %s, left by an interrupted run", path)
-        open_run(cfg, run.resume_dir, run.rewind, run.ema)  # run.json, config.yaml, an abandoned branch moved aside
+        run.record_resume = open_run(cfg, run.resume_dir, run.rewind, run.ema, run.max_steps)  # run.json, a rewind
         if run.latent_info is not None:
             write_run_latent_info(output_dir, run.latent_info)
     accelerator.wait_for_everyone()
@@ -296,17 +297,21 @@ def _optimizer_step(run: _Run, stream) -> float:
     train_cfg, accelerator, state = run.cfg["training"], run.accelerator, run.state
     accum = train_cfg["gradient_accumulation_steps"]
     loss_sum = torch.zeros((), device=accelerator.device)
+    world, rank = accelerator.num_processes, accelerator.process_index
     for micro in range(accum):
         batch = next(stream)
-        torch.manual_seed(micro_step_seed(train_cfg["seed"], state.step, micro, accelerator.process_index))
-        if run.standardizer is not None:  # a fresh latent z = mean + std·ε from this micro-step's seed
-            images = run.standardizer.sample(batch["latent_moments"])
-        else:
-            images = batch["pixel_values"]
+        # The draws of the global micro-batch come from one seed, each process keeping its rows (GlobalBatchDraws)
+        torch.manual_seed(micro_step_seed(train_cfg["seed"], state.step, micro, 0))
+        images = batch["latent_moments"] if run.standardizer is not None else batch["pixel_values"]
+        draws = GlobalBatchDraws(world, rank, images.shape[0], images.device)
+        if run.standardizer is not None:  # a fresh latent z = mean + std·ε
+            images = run.standardizer.sample(images, noise=draws.randn(images.shape[1] // 2, *images.shape[2:]))
         if run.cfg["data"]["random_flip"]:
-            images = random_flip(images)
-        sigma = sample_sigma(images.shape[0], train_cfg["P_mean"], train_cfg["P_std"], device=images.device)
-        noise = torch.randn_like(images)
+            images = random_flip(images, uniform=draws.rand())
+        sigma = (train_cfg["P_mean"] + train_cfg["P_std"] * draws.randn()).exp()  # ln σ ~ N(P_mean, P_std²)
+        noise = draws.randn(*images.shape[1:])
+        if world > 1:  # dropout draws from the process's own stream
+            torch.manual_seed(micro_step_seed(train_cfg["seed"], state.step, micro, rank))
         sync = micro == accum - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
             loss = run.model(images, sigma, noise, batch.get("class_labels"))
@@ -368,6 +373,9 @@ def _save_checkpoint(run: _Run) -> None:
         accelerator, output_dir, state.step, dict(run.unet.config), summary, ema=run.ema
     )
     if run.main:
+        if run.record_resume is not None:
+            run.record_resume()
+            run.record_resume = None
         for path in ckpt.prune_checkpoints(output_dir, train_cfg["checkpoints_total_limit"]):
             logger.info("removed old checkpoint %s", path)
     accelerator.wait_for_everyone()

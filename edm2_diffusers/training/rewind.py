@@ -20,6 +20,7 @@ import datetime
 import logging
 import os
 import re
+from collections.abc import Callable
 
 from ..ema.snapshots import SNAPSHOT_NAME_RE, SNAPSHOT_SUBDIR
 from ..files import fsync_dir
@@ -117,44 +118,58 @@ def _move_aside(output_dir: str, paths: list[str]) -> tuple[str, list[str]]:
     return name, moved
 
 
-def open_run(cfg: dict, resume_dir: str | None, rewind: list[str], ema) -> dict:
-    """On the main process, with the run folder locked: write or update ``run.json`` and ``config.yaml``, move an
-    abandoned branch aside, and tag the EMA's snapshots with the run and branch. Returns the run record."""
+def open_run(cfg: dict, resume_dir: str | None, rewind: list[str], ema, max_steps: int) -> Callable[[], None] | None:
+    """On the main process, with the run folder locked: start or update ``run.json`` and ``config.yaml``, move an
+    abandoned branch aside, and tag the EMA's snapshots with the run and branch.
+
+    A new run and a rewind write their record at once. A plain resume of an identified run records itself (and
+    rewrites ``config.yaml`` with the settings it changed) only with the first checkpoint it saves, so a resume that
+    fails before (a non-finite loss, a crash) leaves the run folder as it was: call the returned function then
+    (``None``: nothing left to write). A resume with nothing left to do (at ``max_steps`` already) writes nothing.
+    """
     output_dir = cfg["training"]["output_dir"]
     record = read_run_record(output_dir)
     config_path, stored = read_run_config(output_dir)
     untagged = record is None and config_path is not None  # a run started before runs had an identity
+    step = int(ckpt.read_state(resume_dir)["step"]) if resume_dir is not None else 0
+    if resume_dir is not None and step >= max_steps and not rewind:
+        if record is not None and ema is not None and record.get("tag_snapshots", True):
+            ema.tag_snapshots(record["run_id"], lineage_of(record))
+        return None
+    deferred = record is not None and resume_dir is not None and not rewind
     if record is None:
         record = new_run_record()
         if untagged:
             record["tag_snapshots"] = False  # its earlier snapshots name no run: tagging later ones would split it
+    overrides = {}
     if resume_dir is not None:
-        step = int(ckpt.read_state(resume_dir)["step"])
         if rewind:
             name, moved = _move_aside(output_dir, rewind)
             branch = record_rewind(record, step, name, moved)
             logger.warning(
-                "rewound the run to step %d: moved %d entries into %s; new branch %s",
-                step,
-                len(moved),
-                os.path.join(output_dir, name),
-                branch,
+                "rewound to step %d: moved %d entries into %s; new branch %s", step, len(moved), name, branch
             )
         overrides = config_overrides(stored, cfg) if config_path is not None else {}
         inside = os.path.dirname(os.path.abspath(resume_dir)) == os.path.abspath(output_dir)
         record_resume(record, step, os.path.basename(resume_dir) if inside else os.path.abspath(resume_dir), overrides)
         for key, change in overrides.items():
             logger.info("resumed at step %d with %s = %r (was %r)", step, key, change["to"], change["from"])
-    if config_path is None or (resume_dir is not None and record["resumes"][-1]["overrides"]):
-        write_run_config(output_dir, cfg)
-    write_run_record(output_dir, record)
+
+    def write() -> None:
+        if config_path is None or overrides:
+            write_run_config(output_dir, cfg)
+        write_run_record(output_dir, record)
+
     if untagged:
         logger.warning(
             "%s was started by an earlier version and has no run identity; its snapshots stay untagged", output_dir
         )
     elif ema is not None and record.get("tag_snapshots", True):
         ema.tag_snapshots(record["run_id"], lineage_of(record))
-    return record
+    if deferred:
+        return write
+    write()
+    return None
 
 
 __all__ = ["ABANDONED_PREFIX", "after_checkpoint", "open_run", "plan_rewind"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..models import EDM2UNet2DModel
 
@@ -69,4 +70,33 @@ def micro_step_seed(seed: int, step: int, micro: int, process: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1]))
 
 
-__all__ = ["NonFiniteLossError", "TrainingResult", "TrainingState", "micro_step_seed"]
+class GlobalBatchDraws:
+    """The random draws of one micro-step, made for the whole global micro-batch; each process keeps its rows.
+
+    Every process seeds the same stream (:func:`micro_step_seed` of process 0) and draws the rows of all processes,
+    so that a sample's flip, σ and ε do not depend on how the global batch is split across processes: a run on two
+    processes sees the draws of a run on one with the same global batch (and a one-process run draws exactly what it
+    drew before, when each process had its own stream).
+
+    Args:
+        world (`int`), rank (`int`): number of processes and this process's index.
+        rows (`int`): this process's rows (the same on every process).
+        device (`torch.device`): where to draw.
+    """
+
+    def __init__(self, world: int, rank: int, rows: int, device):
+        self.world, self.rank, self.rows, self.device = world, rank, rows, device
+
+    def _mine(self, full: torch.Tensor) -> torch.Tensor:
+        return full[self.rank * self.rows : (self.rank + 1) * self.rows]
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        """Uniform draws in [0, 1) of shape ``(rows, *shape)``."""
+        return self._mine(torch.rand((self.world * self.rows, *shape), device=self.device))
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        """Standard normal draws of shape ``(rows, *shape)``."""
+        return self._mine(torch.randn((self.world * self.rows, *shape), device=self.device))
+
+
+__all__ = ["GlobalBatchDraws", "NonFiniteLossError", "TrainingResult", "TrainingState", "micro_step_seed"]
