@@ -86,9 +86,8 @@ def follow_umask(path: str | os.PathLike) -> None:
             os.chmod(file, (0o666 | (info.st_mode & 0o111)) & ~umask)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def pid_running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -123,7 +122,7 @@ def remove_leftovers(folder: str | os.PathLike, target: str | None = None, locke
         pid = match.group(2) or match.group(3)
         if pid is None and not (locked and PARTIAL_MARK in name):
             continue
-        if pid is not None and _pid_alive(int(pid)):
+        if pid is not None and (int(pid) == os.getpid() or pid_running(int(pid))):
             continue
         path = os.path.join(folder, name)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -251,6 +250,7 @@ __all__ = [
     "follow_umask",
     "fsync_dir",
     "is_disk_full",
+    "pid_running",
     "process_umask",
     "raise_if_disk_full",
     "remove_leftovers",
