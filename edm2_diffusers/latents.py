@@ -107,7 +107,11 @@ class LatentStandardizer:
         return unstandardize_latents(latents, self.latent_mean, self.latent_std, self.final_std)
 
     def sample(
-        self, moments: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+        self,
+        moments: torch.Tensor,
+        generator: torch.Generator | None = None,
+        sample: bool = True,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Stored posterior moments `(N, 2C, h, w)` → standardized training latents `(N, C, h, w)`.
 
@@ -117,6 +121,7 @@ class LatentStandardizer:
             moments (`torch.Tensor`): rows of the ``latents`` column: posterior mean and std, concatenated.
             generator (`torch.Generator`, *optional*): for ε.
             sample (`bool`): ``False`` uses the posterior mean (no noise).
+            noise (`torch.Tensor`, *optional*): ε itself, of the shape of the mean (instead of drawing it).
         """
         if moments.ndim != 4 or moments.shape[1] != 2 * self.channels:
             raise ValueError(
@@ -126,7 +131,9 @@ class LatentStandardizer:
         mean, std = moments.to(torch.float32).chunk(2, dim=1)
         raw = mean
         if sample:
-            raw = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            if noise is None:
+                noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            raw = mean + std * noise.to(mean)
         return self.standardize(raw)
 
     def pipeline_kwargs(self) -> dict:

@@ -29,6 +29,8 @@ import threading
 
 from accelerate.utils import broadcast_object_list
 
+from .files import pid_running
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: O_EXCL and the holder's pid only
@@ -65,12 +67,8 @@ def _proc_start(pid: int) -> str | None:
 
 
 def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_running(pid):
         return False
-    except PermissionError:
-        return True
     current = _proc_start(pid)
     return start is None or current is None or current == start
 

@@ -3,6 +3,7 @@
 A run folder (``--output_dir``) holds::
 
     config.yaml          the resolved training configuration        read_run_config / write_run_config
+    run.json             the run's identity, branches and resumes   read_run_record / write_run_record
     latent_info.json     a latent run's standardization constants   read_run_latent_info / write_run_latent_info
     checkpoint-<step>/   Accelerate state (training.checkpoint)
     phema/               post-hoc EMA snapshots (ema.snapshots)
@@ -16,10 +17,12 @@ and the sampler a run's pipelines use is built from its config here (:func:`sche
 from __future__ import annotations
 
 import contextlib
+import datetime
 import inspect
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -32,6 +35,10 @@ from .schedulers import EDMHeunScheduler
 
 CONFIG_NAME = "config.yaml"
 LATENT_INFO_NAME = "latent_info.json"
+RUN_RECORD_NAME = "run.json"
+RUN_RECORD_FORMAT = "edm2-diffusers/run"
+# Where the run lives and how it starts, not how it trains: not recorded as changed on resume (a run folder may move).
+_NOT_SETTINGS = ("training.output_dir", "training.resume_from_checkpoint", "training.rewind")
 PIPELINE_SUBDIR = "pipeline"
 SAMPLES_SUBDIR = "samples"
 SWEEP_SUBDIR = "sweep"
@@ -70,6 +77,131 @@ def read_run_config(run_dir: str | os.PathLike) -> tuple[Path | None, dict]:
 def write_run_config(run_dir: str | os.PathLike, cfg: dict) -> str:
     """Store the resolved configuration as ``run_dir/config.yaml`` (atomically)."""
     return write_text_atomic(Path(run_dir) / CONFIG_NAME, yaml.safe_dump(cfg, sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run.json: who the run is, which branch writes now, what changed at each resume
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_run_record() -> dict:
+    """The record of a run that starts now: a fresh ``run_id`` and its first branch, from step 0.
+
+    ``lineage`` lists the branches that made the current trajectory, ``[{"branch", "from_step", "created"}]``
+    oldest first (branch i made the optimizer steps after its ``from_step``); ``rewinds`` and ``resumes`` are the
+    run's history (:func:`record_rewind`, :func:`record_resume`).
+    """
+    now = utc_now()
+    return {
+        "format": RUN_RECORD_FORMAT,
+        "run_id": uuid.uuid4().hex,
+        "created": now,
+        "lineage": [{"branch": uuid.uuid4().hex[:12], "from_step": 0, "created": now}],
+        "rewinds": [],
+        "resumes": [],
+    }
+
+
+def read_run_record(run_dir: str | os.PathLike) -> dict | None:
+    """The run's ``run.json`` (``None``: a run started by an older version, or no run).
+
+    Raises:
+        ValueError: the file is damaged (the message names it).
+    """
+    path = Path(run_dir) / RUN_RECORD_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("format") != RUN_RECORD_FORMAT or not record["lineage"]:
+            raise ValueError("not a run record of this package")
+        lineage_of(record)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"run record {path} is damaged ({err}); restore it or remove it") from None
+    return record
+
+
+def write_run_record(run_dir: str | os.PathLike, record: dict) -> str:
+    """Store the run record as ``run_dir/run.json`` (atomically)."""
+    return write_json_atomic(Path(run_dir) / RUN_RECORD_NAME, record)
+
+
+def lineage_of(record: dict) -> list[list]:
+    """``[[branch, from_step], ...]`` of the current trajectory (what snapshots carry)."""
+    return [[str(b["branch"]), int(b["from_step"])] for b in record["lineage"]]
+
+
+def record_rewind(record: dict, step: int, moved_to: str, moved: list[str]) -> str:
+    """A rewind to the checkpoint of ``step``: the branches after it end, a new one starts there. Returns its id."""
+    now = utc_now()
+    ended = [b["branch"] for b in record["lineage"] if b["from_step"] >= step] or [record["lineage"][-1]["branch"]]
+    record["lineage"] = [b for b in record["lineage"] if b["from_step"] < step]
+    branch = uuid.uuid4().hex[:12]
+    record["lineage"].append({"branch": branch, "from_step": int(step), "created": now})
+    record["rewinds"].append(
+        {"step": int(step), "time": now, "abandoned_branches": ended, "moved_to": moved_to, "moved": moved}
+    )
+    return branch
+
+
+def _flat(cfg: dict) -> dict:
+    normal = yaml.safe_load(yaml.safe_dump(cfg, sort_keys=True))  # the types config.yaml stores
+    out = {}
+    for section, values in (normal or {}).items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            out[section] = values
+    return out
+
+
+def config_overrides(stored: dict, current: dict) -> dict:
+    """The settings whose value differs between the stored ``config.yaml`` and the config of a resume, as
+    ``{"section.key": {"from": old, "to": new}}`` (how to start — the checkpoint, ``rewind`` — is not a setting)."""
+    old, new = _flat(stored), _flat(current)
+    return {
+        key: {"from": old.get(key), "to": new.get(key)}
+        for key in sorted(set(old) | set(new))
+        if key not in _NOT_SETTINGS and old.get(key) != new.get(key)
+    }
+
+
+def record_resume(record: dict, step: int, checkpoint: str, overrides: dict) -> None:
+    """A resume from ``checkpoint`` (at optimizer step ``step``): its overrides hold for the steps after ``step``."""
+    entry = {"step": int(step), "checkpoint": checkpoint, "time": utc_now(), "overrides": overrides}
+    entry["branch"] = record["lineage"][-1]["branch"]
+    record["resumes"].append(entry)
+
+
+def run_history(run_dir: str | os.PathLike, step: int | None = None) -> dict | None:
+    """What an export of the run records of its history: the run id, the branch, the resumes that changed settings
+    and the rewinds on the trajectory up to ``step`` (``None`` for a run without ``run.json``)."""
+    try:
+        record = read_run_record(run_dir)
+    except ValueError:
+        return None
+    if record is None:
+        return None
+    lineage = lineage_of(record)
+
+    def made_by(step_after: int) -> str:  # the branch of the trajectory that made this optimizer step
+        return [b for b, from_step in lineage if from_step < step_after][-1] if step_after > 0 else lineage[0][0]
+
+    changes = [
+        {"step": r["step"], "overrides": r["overrides"]}
+        for r in record.get("resumes", [])
+        if r.get("overrides") and r.get("branch") == made_by(r["step"] + 1) and (step is None or r["step"] < step)
+    ]
+    return {
+        "run_id": record["run_id"],
+        "branch": record["lineage"][-1]["branch"],
+        "lineage": lineage,
+        "changed_on_resume": changes,
+        "rewinds": [{"step": r["step"], "moved_to": r["moved_to"]} for r in record.get("rewinds", [])],
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,6 +397,15 @@ def sampling_autocast(config: dict, device: torch.device | str):
 __all__ = [
     "CONFIG_NAME",
     "LATENT_INFO_NAME",
+    "RUN_RECORD_NAME",
+    "config_overrides",
+    "lineage_of",
+    "new_run_record",
+    "read_run_record",
+    "record_resume",
+    "record_rewind",
+    "run_history",
+    "write_run_record",
     "PIPELINE_SUBDIR",
     "SAMPLES_SUBDIR",
     "SWEEP_BEST_NAME",

@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from edm2_diffusers.files import DiskFullError
 from edm2_diffusers.hub import export_pipelines, push_to_hub, resolve_repo_id
 from edm2_diffusers.run_lock import FolderLockedError
 
@@ -81,5 +82,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError, FolderLockedError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FolderLockedError, DiskFullError) as err:
         sys.exit(f"error: {err}")

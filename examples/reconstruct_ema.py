@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 from edm2_diffusers.ema import profile_folders, reconstruct
+from edm2_diffusers.files import DiskFullError, staged_folder
 from edm2_diffusers.run_lock import FolderLockedError, lock_for_writing
 
 
@@ -59,13 +59,10 @@ def _write(args, targets: dict) -> list[str]:
     written = []
     for i, (std, _) in enumerate(result):
         path = targets[std]
-        tmp = os.path.join(args.output_dir, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-        result.model(i).save_pretrained(tmp)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
+        if os.path.isfile(path):
             os.remove(path)
-        os.replace(tmp, path)
+        with staged_folder(path) as staging:  # files follow the umask; a full disk leaves the old folder in place
+            result.model(i).save_pretrained(staging)
         written.append(path)
         print(f"  std {std:.3f} -> {path}")
     return written
@@ -74,5 +71,5 @@ def _write(args, targets: dict) -> list[str]:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError, FolderLockedError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FolderLockedError, DiskFullError) as e:
         sys.exit(f"error: {e}")

@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+from edm2_diffusers.files import DiskFullError
 from edm2_diffusers.training import SCHEMA, NonFiniteLossError, load_config, train
 
 # Flags named as in diffusers' training examples, mapped to config keys.
@@ -63,6 +64,7 @@ FLAGS = {
     "checkpointing_steps": "training.checkpointing_steps",
     "checkpoints_total_limit": "training.checkpoints_total_limit",
     "resume_from_checkpoint": "training.resume_from_checkpoint",
+    "rewind": "training.rewind",
     "sample_every_steps": "training.sample_every_steps",
     "dataloader_num_workers": "training.dataloader_num_workers",
     "cpu_threads": "training.cpu_threads",
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
         if args.num_metric_images < 0 or args.num_metric_images == 1:
             raise ValueError(f"--num_metric_images must be 0 (skip) or at least 2, got {args.num_metric_images}")
         result = train(cfg, hub_token=args.hub_token)
-    except (ValueError, FileNotFoundError, NonFiniteLossError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, NonFiniteLossError, RuntimeError, DiskFullError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if not result.is_main_process:

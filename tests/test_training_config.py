@@ -267,3 +267,14 @@ def test_script_help_lists_the_diffusers_flags(capsys):
         "--ema_snapshot_steps",
     ):
         assert flag in out
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "tinyimagenet"])
+@pytest.mark.parametrize("arch", ["C", "E", "G"])
+def test_seed_configs_sample_with_edm2_multigpu_clipping(dataset, arch):
+    from edm2_diffusers.runs import scheduler_from_config
+
+    cfg = load_config(ROOT / "configs" / dataset / f"{arch}.yaml")
+    scheduler = scheduler_from_config(cfg)  # the sampler of the run's grids and of its export
+    assert scheduler.config.clip_sample is True and scheduler.config.clip_sample_range == 1.0
+    assert scheduler_from_config({}).config.clip_sample is False  # NVIDIA's sampler stays the default

@@ -1,5 +1,9 @@
 """Training data: in-memory datasets, image folders, the scikit-learn digits, and bad data failing fast."""
 
+import struct
+import zlib
+
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -152,6 +156,41 @@ def test_corrupt_image_stops_with_its_name(tmp_path):
     cfg = data_cfg(train_data_dir=str(root), resolution=8, cache_dir=str(tmp_path / "cache"))
     ds = load_train_dataset(cfg)
     with pytest.raises(ValueError, match="broken.png"):
+        check_dataset(ds, cfg, MODEL, "imagefolder")
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def corrupt_png(path, size: int = 8) -> None:
+    """A PNG whose every chunk has a valid CRC, but whose IDAT holds only the first half of the zlib stream of its
+    pixels: its structure and checksums check out, its pixels do not decode."""
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    pixels = np.random.default_rng(0).integers(0, 256, (size, 3 * size), dtype=np.uint8)
+    rows = b"".join(b"\x00" + row.tobytes() for row in pixels)  # filter byte "none" + RGB
+    stream = zlib.compress(rows)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", stream[: len(stream) // 2])
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def test_an_image_with_valid_checksums_but_undecodable_pixels_stops_naming_file_and_row(tmp_path):
+    root = write_folder(tmp_path / "c", [(8, 8)] * 3)
+    bad = root / "dogs" / "zz_pixels.png"
+    corrupt_png(bad)
+    with Image.open(bad) as img:
+        img.verify()  # the structural check alone lets it through
+    with Image.open(bad) as img, pytest.raises(OSError):
+        img.load()
+    cfg = data_cfg(train_data_dir=str(root), resolution=8, cache_dir=str(tmp_path / "cache"))
+    ds = load_train_dataset(cfg)
+    paths = [p["path"] for p in ds.cast_column("image", datasets.Image(decode=False))["image"]]
+    row = [i for i, p in enumerate(paths) if "zz_" in p]
+    with pytest.raises(ValueError, match=rf"zz_pixels\.png.*\(dataset row {row[0]}\)"):
         check_dataset(ds, cfg, MODEL, "imagefolder")
 
 

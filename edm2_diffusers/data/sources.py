@@ -226,7 +226,7 @@ def check_dataset(ds, data_cfg: dict, model_cfg: dict, source: str) -> int:
 
     Checks that the image column exists and holds images, that the label column is given exactly when the model is
     class-conditional and holds class ids in range, that images have one size (or ``resolution`` is set) matching the
-    model's ``sample_size``, and that every file of a local image folder opens.
+    model's ``sample_size``, and that every file of a local image folder opens and decodes.
 
     Raises:
         ValueError: naming the problem (and the file, for a corrupt image).
@@ -254,18 +254,24 @@ def check_dataset(ds, data_cfg: dict, model_cfg: dict, source: str) -> int:
     sizes: set[tuple[int, int]] = set()
     if resolution is None or verify:
         raw = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+        row = 0
         for batch in raw.iter(batch_size=1024):
             for value in batch[image_column]:
                 try:
                     img, name = _open_encoded(value)
                     sizes.add(img.size)
                     if verify:
+                        # verify() checks the file's structure and checksums only; decoding it (after a fresh
+                        # open, as verify() leaves the image unusable) catches pixel data that does not decode.
                         img.verify()
+                        _open_encoded(value)[0].load()
                 except Exception as err:  # PIL raises many types for broken files
                     where = value.get("path") or "<in-memory image>"
                     raise ValueError(
-                        f"cannot read image {where!r}: {err}. Corrupt files stop the run; remove or repair it"
+                        f"cannot read image {where!r} (dataset row {row}): {err}. Corrupt files stop the run; "
+                        "remove or repair it"
                     ) from None
+                row += 1
     if resolution is None:
         if len(sizes) > 1:
             shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:5])

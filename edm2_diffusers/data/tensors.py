@@ -163,9 +163,14 @@ def build_image_dataset(ds, data_cfg: dict, model_cfg: dict, source: str, resolu
     )
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flip each image horizontally with probability ½, drawing from ``generator``."""
-    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+def random_flip(
+    images: torch.Tensor, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Flip each image horizontally with probability ½, drawing from ``generator`` (or with the given ``uniform``
+    draws in [0, 1), one per image)."""
+    if uniform is None:
+        uniform = torch.rand(images.shape[0], generator=generator, device=images.device)
+    flip = uniform < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .power import solve_posthoc_coefficients
-from .snapshots import SnapshotInfo, list_snapshots, load_snapshot
+from .snapshots import SnapshotInfo, branch_at, list_snapshots, load_snapshot
 from .trackers import PowerFunctionEMA
 
 
@@ -80,6 +80,7 @@ def _select(snapshots: list[SnapshotInfo], step: int | None) -> list[SnapshotInf
                 f"snapshots count EMA time differently: {first.path} by {first.count_by}, "
                 f"{snap.path} by {snap.count_by}"
             )
+    _check_one_run(snapshots)
     steps = sorted({s.step for s in snapshots})
     if step is None:
         step = steps[-1]
@@ -96,7 +97,48 @@ def _select(snapshots: list[SnapshotInfo], step: int | None) -> list[SnapshotInf
     times = {s.time for s in used if s.step == step}
     if len(times) != 1:
         raise ValueError(f"snapshots at step {step} disagree on the EMA time ({sorted(times)})")
+    _check_one_trajectory(used, step)
     return used
+
+
+def _check_one_run(snapshots: list[SnapshotInfo]) -> None:
+    """Snapshots of two runs never mix, even of the same architecture; untagged ones (written outside a trainer or
+    by an older version) only among themselves, as nothing tells which run they belong to."""
+    tagged = [s for s in snapshots if s.run_id is not None]
+    if not tagged:
+        return
+    untagged = [s for s in snapshots if s.run_id is None]
+    if untagged:
+        raise ValueError(
+            f"EMA snapshot {untagged[0].path} names no run, {tagged[0].path} belongs to run {tagged[0].run_id}: "
+            "reconstruction cannot tell that they are one trajectory; move the snapshots of other runs out of the "
+            "folder"
+        )
+    for snap in tagged[1:]:
+        if snap.run_id != tagged[0].run_id:
+            raise ValueError(
+                f"EMA snapshots of two runs are mixed in one folder: {tagged[0].path} (run {tagged[0].run_id}) and "
+                f"{snap.path} (run {snap.run_id}); reconstruction never mixes runs, even of the same architecture. "
+                "Keep one run's snapshots per folder"
+            )
+
+
+def _check_one_trajectory(used: list[SnapshotInfo], step: int) -> None:
+    """Every snapshot used must lie on the trajectory that leads to the target step: each step's snapshot written
+    by the branch that the target's lineage says made that step (a rewind starts a new branch)."""
+    target = [s for s in used if s.step == step]
+    if target[0].lineage is None:
+        return
+    lineage = target[0].lineage
+    for snap in used:
+        expected = branch_at(lineage, snap.step)
+        if snap.branch != expected:
+            raise ValueError(
+                f"EMA snapshot {snap.path} belongs to branch {snap.branch} of run {snap.run_id}, but step {snap.step} "
+                f"of the trajectory that reaches step {step} ({target[0].path}) was made by branch {expected}: they "
+                "are two trajectories of one run (the run was rewound to an earlier checkpoint), which reconstruction "
+                "never mixes. Reconstruct each branch from its own snapshots"
+            )
 
 
 def profile_folders(stds) -> dict[float, str]:

@@ -4,7 +4,10 @@ Every `snapshot_every_steps` optimizer steps the trainer's main process writes e
 as `<output_dir>/phema/phema-<step:09d>-<std:.3f>.safetensors`. A file holds the averaged parameters (optionally in
 float16) and buffers; its safetensors metadata records what reconstruction needs: the training step, the images
 seen, the EMA clock value the profile was tracked with (`time`), the profile's std, the model class, the full model
-config and a fingerprint of that config (so snapshots of different models never get mixed).
+config and a fingerprint of that config (so snapshots of different models never get mixed). A trainer's snapshots
+also carry the run's identity (`run_id`, written once when the run starts) and its branch (`branch`, new at each
+rewind to an earlier checkpoint, with the `lineage` of branches that led to it), so that reconstruction never mixes
+two runs or two trajectories of one run, even of the same architecture (:func:`snapshot_tags`, :func:`branch_at`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from ..files import atomic_path
 
 SNAPSHOT_SUBDIR = "phema"
 SNAPSHOT_FORMAT = "edm2-diffusers/phema-snapshot"
@@ -81,20 +86,35 @@ def model_class_path(model: torch.nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def write_snapshot(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Write a safetensors file atomically: into a temporary file next to `path`, then `os.replace`.
+def snapshot_tags(run_id: str, lineage: list) -> dict[str, str]:
+    """The metadata that ties a snapshot to its run and branch.
 
-    A crash mid-write leaves at most a hidden `.tmp` file, never a truncated snapshot under the real name.
+    Args:
+        run_id (`str`): the run's identity.
+        lineage (`list`): ``[[branch, from_step], ...]``, oldest first: branch ``lineage[i][0]`` made the optimizer
+            steps after ``lineage[i][1]`` (up to the next entry's); the last entry is the branch writing now.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
+    lineage = [[str(b), int(k)] for b, k in lineage]
+    return {"run_id": str(run_id), "branch": lineage[-1][0], "lineage": canonical_config_json(lineage)}
+
+
+def branch_at(lineage: list, step: int) -> str:
+    """The branch of ``lineage`` that made optimizer step ``step`` (the weights after it)."""
+    branch = lineage[0][0]
+    for name, from_step in lineage:
+        if from_step < step:
+            branch = name
+    return branch
+
+
+def write_snapshot(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write a safetensors file atomically (:func:`edm2_diffusers.files.atomic_path`), with the mode the umask gives.
+
+    A crash mid-write leaves at most a hidden `.tmp-<pid>` file (removed when a run restarts), never a truncated
+    snapshot under the real name; a full disk raises `DiskFullError` naming the file.
+    """
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -113,6 +133,9 @@ class SnapshotInfo:
         model_config (`dict`): the model's constructor config.
         fingerprint (`str`): sha256 of the canonical config JSON.
         buffer_names (`list[str]`): keys that are buffers (copied, not averaged, by reconstruction).
+        run_id (`str`, *optional*): the run that wrote it (`None`: written outside a trainer or by an older version).
+        branch (`str`, *optional*): the branch of the run that wrote it.
+        lineage (`list`, *optional*): the branches that led to it (see :func:`snapshot_tags`).
     """
 
     path: str
@@ -125,6 +148,9 @@ class SnapshotInfo:
     model_config: dict
     fingerprint: str
     buffer_names: list = field(default_factory=list)
+    run_id: str | None = None
+    branch: str | None = None
+    lineage: list | None = None
 
 
 def read_snapshot_info(path: str) -> SnapshotInfo:
@@ -151,6 +177,9 @@ def read_snapshot_info(path: str) -> SnapshotInfo:
             model_config=config,
             fingerprint=meta["fingerprint"],
             buffer_names=json.loads(meta.get("buffer_names", "[]")),
+            run_id=meta.get("run_id"),
+            branch=meta.get("branch"),
+            lineage=json.loads(meta["lineage"]) if "lineage" in meta else None,
         )
     except (ValueError, TypeError) as e:
         raise ValueError(f"EMA snapshot {path} has corrupt metadata: {e}") from e

@@ -33,6 +33,7 @@ from .snapshots import (
     read_snapshot_info,
     resolve_dtype,
     snapshot_filename,
+    snapshot_tags,
     write_snapshot,
 )
 
@@ -77,6 +78,7 @@ class _EMATracker:
     """Shared plumbing: which model is tracked, how the copies follow its device, how buffers are copied."""
 
     snapshot_every_steps: int = 0
+    snapshot_metadata: dict | None = None  # the run and branch its snapshots belong to (tag_snapshots)
 
     def __init__(self, model: torch.nn.Module):
         if not isinstance(model, torch.nn.Module):
@@ -117,6 +119,11 @@ class _EMATracker:
     def after_step(self, output_dir: str, step: int, nimg: int, final: bool = False) -> list[str]:
         """What the tracker writes after optimizer step ``step`` (``final``: the run's last); the files written."""
         return []
+
+    def tag_snapshots(self, run_id: str, lineage: list) -> None:
+        """Record the run and branch (:func:`~edm2_diffusers.ema.snapshots.snapshot_tags`) in every snapshot written
+        from now on, so that reconstruction never mixes trajectories."""
+        self.snapshot_metadata = snapshot_tags(run_id, lineage)
 
     def _load_copies(self, states: list[dict]) -> None:
         copies = self._copies()
@@ -282,6 +289,7 @@ class PowerFunctionEMA(_EMATracker):
                 "model_config": canonical_config_json(config),
                 "fingerprint": fingerprint,
                 "buffer_names": canonical_config_json(buffer_names),
+                **(self.snapshot_metadata or {}),
             }
             paths.append(write_snapshot(os.path.join(directory, snapshot_filename(step, std)), tensors, metadata))
         return paths

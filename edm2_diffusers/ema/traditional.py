@@ -205,6 +205,10 @@ class TraditionalEMAWithPostHoc(TraditionalEMA):
         """Write the power-function profiles' snapshots (see `PowerFunctionEMA.save_snapshots`)."""
         return self.posthoc.save_snapshots(output_dir, step=step, nimg=nimg, dtype=dtype)
 
+    def tag_snapshots(self, run_id: str, lineage: list) -> None:
+        """Tag the power-function profiles' snapshots with the run and branch (see `PowerFunctionEMA`)."""
+        self.posthoc.tag_snapshots(run_id, lineage)
+
     def after_step(self, output_dir: str, step: int, nimg: int, final: bool = False) -> list[str]:
         """The power-function profiles' snapshots (see `PowerFunctionEMA.after_step`)."""
         return self.posthoc.after_step(output_dir, step=step, nimg=nimg, final=final)

@@ -32,12 +32,12 @@ from .. import __version__
 from ..ema import list_snapshots, parse_stds, reconstruct
 from ..ema.reconstruct import profile_folders
 from ..ema.snapshots import model_class_path, model_config_of
-from ..files import commit_folder, staging_path
+from ..files import commit_folder, raise_if_disk_full, staging_path
 from ..grids import render_sample_grid
 from ..latents import load_vae
 from ..pipelines import EDM2Pipeline
 from ..run_lock import writes_into
-from ..runs import read_run_config, read_run_latent_info, read_sweep, sampling_settings, sweep_best_path
+from ..runs import read_run_config, read_run_latent_info, read_sweep, run_history, sampling_settings, sweep_best_path
 from ..schedulers import EDMHeunScheduler
 from .checks import check_export, check_output_dir
 from .model_card import write_model_card
@@ -452,6 +452,7 @@ def _write_export(
                 "step": int(step),
                 "nimg": int(nimg),
                 "config_file": config_path.name if config_path else None,
+                "history": run_history(run_dir, step),  # run id, branch, settings changed on resume (run.json)
             },
             "model": {
                 "class": model_class,
@@ -478,8 +479,9 @@ def _write_export(
         write_model_card(staging, info, info["repo_id"])
         check_export(staging)
         commit_folder(staging, output_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        raise_if_disk_full(err, output_dir)
         raise
     result = ExportResult(
         output_dir=output_dir,

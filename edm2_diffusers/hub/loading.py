@@ -27,7 +27,10 @@ def _read_model_index(path: str, subfolder: str | None, **hub_kwargs) -> dict:
             raise FileNotFoundError(f"{file.parent} is not a pipeline folder: model_index.json is missing")
     else:
         file = huggingface_hub.hf_hub_download(path, "model_index.json", subfolder=subfolder, **hub_kwargs)
-    return json.loads(Path(file).read_text(encoding="utf-8"))
+    try:
+        return json.loads(Path(file).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); export or download the pipeline again") from None
 
 
 def load_pipeline(

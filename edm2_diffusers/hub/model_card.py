@@ -119,6 +119,11 @@ def card_context(info: dict, repo_id: str) -> dict:
         )
     training = info.get("training") or {}
     training_rows = [(label, _fmt(training[key])) for key, label in TRAINING_ROWS if training.get(key) is not None]
+    for change in (info["run"].get("history") or {}).get("changed_on_resume", []):  # settings changed on resume
+        for key, values in change["overrides"].items():
+            training_rows.append(
+                (f"`{key}` from step {change['step']:,} (resumed)", f"{values['from']} → {values['to']}")
+            )
     return dict(
         model_name=info["model_name"],
         repo_id=repo_id,

@@ -26,7 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..files import fsync_dir
+from ..ema.snapshots import SNAPSHOT_SUBDIR
+from ..files import follow_umask, fsync_dir, raise_if_disk_full, remove_leftovers
+from ..runs import SAMPLES_SUBDIR
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -276,12 +278,18 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model_config: dict,
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)  # left over by a run killed while saving
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    if accelerator.is_main_process:
-        _write_json(os.path.join(tmp, UNET_CONFIG_NAME), dict(model_config))
-        _write_json(os.path.join(tmp, STATE_NAME), state)
-        if ema is not None:
-            save_ema_state(ema, tmp)
+    try:
+        accelerator.save_state(tmp)
+        if accelerator.is_main_process:
+            _write_json(os.path.join(tmp, UNET_CONFIG_NAME), dict(model_config))
+            _write_json(os.path.join(tmp, STATE_NAME), state)
+            if ema is not None:
+                save_ema_state(ema, tmp)
+            follow_umask(tmp)  # safetensors writes 0600; files follow the umask like save_pretrained's
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # the earlier checkpoints are untouched
+        raise_if_disk_full(err, final)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         old = None
@@ -296,6 +304,21 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model_config: dict,
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_run_leftovers(output_dir: str) -> list[str]:
+    """What killed runs left in a run folder whose lock this process holds: ``.tmp-checkpoint-*`` folders, and the
+    temporary files and staging folders of dead writers in it, ``phema/`` and ``samples/``
+    (:func:`edm2_diffusers.files.remove_leftovers`); returns what was removed."""
+    removed = []
+    if os.path.isdir(output_dir):
+        for name in sorted(os.listdir(output_dir)):
+            if name.startswith(".tmp-checkpoint-"):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+                removed.append(os.path.join(output_dir, name))
+    for folder in (output_dir, os.path.join(output_dir, SNAPSHOT_SUBDIR), os.path.join(output_dir, SAMPLES_SUBDIR)):
+        removed += remove_leftovers(folder, locked=True)
+    return removed
 
 
 def prune_checkpoints(output_dir: str, total_limit: int | None) -> list[str]:
@@ -325,6 +348,7 @@ __all__ = [
     "missing_files",
     "prune_checkpoints",
     "read_state",
+    "remove_run_leftovers",
     "resolve_resume",
     "save_checkpoint",
     "save_ema_state",

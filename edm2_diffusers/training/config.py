@@ -83,6 +83,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "checkpointing_steps": (500, int, "save a checkpoint every N optimizer steps (0: only at the end)"),
         "checkpoints_total_limit": (None, int, "keep at most this many checkpoints"),
         "resume_from_checkpoint": (None, str, "a checkpoint folder, or 'latest' in output_dir"),
+        "rewind": (False, bool, "resuming an earlier checkpoint: move what lies after it into output_dir/abandoned-*"),
         "sample_every_steps": (500, int, "save a sample grid every N optimizer steps (0: only at the end)"),
         "dataloader_num_workers": (0, int, "worker processes of the data loader"),
         "cpu_threads": (None, int, "torch intra-op CPU threads per process (null: torch's default)"),

@@ -79,7 +79,8 @@ def check_push_target(cfg: dict, accelerator, token: str | None = None) -> None:
         raise ValueError(f"{problem} (checked before training, nothing was written)")
 
 
-def _earlier_export_step(target: str) -> int | None:
+def export_step(target: str) -> int | None:
+    """The training step an export of this package holds (``None``: no export there)."""
     try:
         with open(os.path.join(target, EXPORT_INFO_NAME), encoding="utf-8") as f:
             return int(json.load(f)["run"]["step"])
@@ -112,7 +113,7 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
     target = pipeline_dir(output_dir)
     repo_id = train_cfg["hub_model_id"]
     try:
-        if _earlier_export_step(target) == step:
+        if export_step(target) == step:
             logger.info("%s already holds the export of step %d", target, step)
         elif isinstance(ema, PowerFunctionEMA):
             export_run(output_dir, target, stds=list(ema.stds), step=step, overwrite=True, hub_model_id=repo_id)
@@ -132,4 +133,4 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
     return target
 
 
-__all__ = ["check_export_target", "check_push_target", "export_trained_run"]
+__all__ = ["check_export_target", "check_push_target", "export_step", "export_trained_run"]

@@ -32,7 +32,6 @@ from ..data import (
     build_image_dataset,
     check_dataset,
     load_train_dataset,
-    random_flip,
     resolve_source,
 )
 from ..ema import build_ema
@@ -40,22 +39,18 @@ from ..grids import render_sample_grid, save_png_atomic
 from ..models import EDM2UNet2DModel
 from ..pipelines import EDM2Pipeline
 from ..run_lock import RunLock
-from ..runs import (
-    SAMPLES_SUBDIR,
-    sampling_autocast,
-    scheduler_from_config,
-    write_run_config,
-    write_run_latent_info,
-)
+from ..runs import SAMPLES_SUBDIR, sampling_autocast, scheduler_from_config, write_run_latent_info
 from . import checkpoint as ckpt
 from .compile import CompileWatch, compile_options, compiled_sampler
 from .config import validate_config
+from .draws import micro_batch
 from .finish import check_export_target, check_push_target, export_trained_run
-from .loss import EDM2TrainingLoss, sample_sigma, zero_nonfinite_grads_
+from .loss import EDM2TrainingLoss, zero_nonfinite_grads_
 from .pretrained import build_unet
+from .rewind import open_run, plan_rewind
 from .schedule import schedule_in_images, step_learning_rate
 from .setup import batch_sizes, check_latents, flat_config, load_sampling_vae, make_accelerator
-from .state import NonFiniteLossError, TrainingResult, TrainingState, micro_step_seed
+from .state import NonFiniteLossError, TrainingResult, TrainingState
 from .trackers import log_sample_grid
 
 logger = get_logger(__name__)
@@ -137,6 +132,7 @@ class _Run:
     unet: EDM2UNet2DModel
     ema: object | None
     resume_dir: str | None
+    rewind: list[str]
     per_device: int
     global_batch: int
     train_set: object
@@ -154,6 +150,7 @@ class _Run:
     compile_options: dict | None = None  # torch.compile arguments (None: eager)
     compile_watch: CompileWatch = field(default_factory=CompileWatch)
     compiled_samplers: dict = field(default_factory=dict)
+    record_resume: object = None  # writes run.json's record of this resume with its first checkpoint (.rewind)
 
     @property
     def main(self) -> bool:
@@ -207,6 +204,7 @@ def _prepare(cfg: dict, dataset, run_lock: RunLock, hub_token: str | None = None
             f"{output_dir!r} already holds checkpoints of another run; pass --resume_from_checkpoint latest to "
             "continue it, or choose a fresh --output_dir"
         )
+    rewind = plan_rewind(cfg, resume_dir)  # refuses to continue beside a later trajectory without training.rewind
     ema = build_ema(unet, cfg["ema"]) if cfg.get("ema") is not None else None  # validates on every process
 
     source = resolve_source(data_cfg, dataset)
@@ -228,6 +226,7 @@ def _prepare(cfg: dict, dataset, run_lock: RunLock, hub_token: str | None = None
         unet=unet,
         ema=ema,
         resume_dir=resume_dir,
+        rewind=rewind,
         per_device=per_device,
         global_batch=global_batch,
         train_set=train_set,
@@ -272,8 +271,9 @@ def _start(run: _Run) -> None:
 
     if run.main:
         os.makedirs(output_dir, exist_ok=True)
-        if run.resume_dir is None:
-            write_run_config(output_dir, cfg)
+        for path in ckpt.remove_run_leftovers(output_dir):  # of killed runs; the lock says none is live
+            logger.info("removed %s, left by an interrupted run", path)
+        run.record_resume = open_run(cfg, run.resume_dir, run.rewind, run.ema, run.max_steps)  # run.json, a rewind
         if run.latent_info is not None:
             write_run_latent_info(output_dir, run.latent_info)
     accelerator.wait_for_everyone()
@@ -340,15 +340,9 @@ def _optimizer_step(run: _Run, stream) -> float:
     num_images = torch.zeros((), device=accelerator.device)
     for micro in range(accum):
         batch = next(stream)
-        torch.manual_seed(micro_step_seed(train_cfg["seed"], state.step, micro, accelerator.process_index))
-        if run.standardizer is not None:  # a fresh latent z = mean + std·ε from this micro-step's seed
-            images = run.standardizer.sample(batch["latent_moments"])
-        else:
-            images = batch["pixel_values"]
-        if run.cfg["data"]["random_flip"]:
-            images = random_flip(images)
-        sigma = sample_sigma(images.shape[0], train_cfg["P_mean"], train_cfg["P_std"], device=images.device)
-        noise = torch.randn_like(images)
+        images, sigma, noise = micro_batch(
+            run.cfg, batch, run.standardizer, state.step, micro, accelerator.num_processes, accelerator.process_index
+        )
         sync = micro == accum - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
             loss = run.model(images, sigma, noise, batch.get("class_labels"))
@@ -422,6 +416,9 @@ def _save_checkpoint(run: _Run) -> None:
         accelerator, output_dir, state.step, dict(run.unet.config), summary, ema=run.ema
     )
     if run.main:
+        if run.record_resume is not None:
+            run.record_resume()
+            run.record_resume = None
         for path in ckpt.prune_checkpoints(output_dir, train_cfg["checkpoints_total_limit"]):
             logger.info("removed old checkpoint %s", path)
     accelerator.wait_for_everyone()
@@ -489,4 +486,4 @@ def _watch(run: _Run, phase: str):
     return run.compile_watch.count(phase) if run.compile_options is not None else contextlib.nullcontext()
 
 
-__all__ = ["NonFiniteLossError", "TrainingResult", "TrainingState", "micro_step_seed", "train"]
+__all__ = ["NonFiniteLossError", "TrainingResult", "TrainingState", "train"]

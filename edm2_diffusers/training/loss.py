@@ -28,7 +28,13 @@ def sample_sigma(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Training noise levels σ = exp(P_mean + P_std·n), n ~ N(0, 1) (log-normal, EDM Sec. 5)."""
-    n = torch.randn(batch_size, generator=generator, device=device, dtype=torch.float32)
+    return sigma_from_normal(
+        torch.randn(batch_size, generator=generator, device=device, dtype=torch.float32), P_mean, P_std
+    )
+
+
+def sigma_from_normal(n: torch.Tensor, P_mean: float, P_std: float) -> torch.Tensor:
+    """σ = exp(P_mean + P_std·n) for standard normal draws ``n``: ln σ ~ N(P_mean, P_std²) (EDM Sec. 5)."""
     return (P_mean + P_std * n).exp()
 
 

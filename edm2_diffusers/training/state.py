@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..models import EDM2UNet2DModel
 
 
@@ -66,10 +64,4 @@ class TrainingResult:
     compile_stats: dict | None = None
 
 
-def micro_step_seed(seed: int, step: int, micro: int, process: int) -> int:
-    """A 63-bit seed for one micro-step of one process, independent of everything that ran before it."""
-    state = np.random.SeedSequence([seed, step, micro, process]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
-
-
-__all__ = ["NonFiniteLossError", "TrainingResult", "TrainingState", "micro_step_seed"]
+__all__ = ["NonFiniteLossError", "TrainingResult", "TrainingState"]
