@@ -131,11 +131,7 @@ class LatentStandardizer:
 
     def pipeline_kwargs(self) -> dict:
         """Keyword arguments of :class:`~edm2_diffusers.EDM2Pipeline` that decode with these constants."""
-        return {
-            "latent_mean": list(self.latent_mean),
-            "latent_std": list(self.latent_std),
-            "latent_final_std": self.final_std,
-        }
+        return {("latent_final_std" if k == "final_std" else k): v for k, v in self.to_dict().items()}
 
     @classmethod
     def from_pipeline(cls, pipeline) -> LatentStandardizer:

@@ -207,7 +207,7 @@ def sampling_settings(config: dict, num_inference_steps: int | None = None) -> d
     training = config.get("training") or {}
     steps = num_inference_steps or sampling.get("num_inference_steps")
     if steps is None:
-        steps = inspect.signature(EDM2Pipeline.__call__).parameters["num_inference_steps"].default
+        steps = EDM2Pipeline.DEFAULT_NUM_INFERENCE_STEPS
     out = {"num_inference_steps": int(steps)}
     for key in _CORE_KEYS:
         value = training.get(key) if key == "sigma_data" else sampling.get(key)

@@ -13,15 +13,20 @@ The pickles are read by a restricted unpickler that rebuilds only tensors and pl
 embed is never executed, and any other reference in the file is refused. The output folder holds the pipeline
 (`save_pretrained` with safetensors), `conversion.json` (sources, official constructor arguments, guidance scale,
 latent settings) and a README with the loading code.
+
+A refused input (a pickle that would run code or exhaust memory, a missing or unreadable file, a file in another
+format, a non-empty output folder) ends the script with one line naming the problem and the file, and exit status 1;
+nothing is written then.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
-from edm2_diffusers.convert.official_pickle import convert_official_pipeline, save_converted_pipeline
+from edm2_diffusers.convert import convert_official_pipeline, save_converted_pipeline
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -68,5 +73,16 @@ def main(argv=None):
     return out
 
 
+def cli(argv=None) -> int:
+    """:func:`main` for the command line: a refusal is one line on stderr and exit status 1, not a traceback."""
+    try:
+        main(argv)
+    except (ValueError, OSError, MemoryError) as err:  # UnsafePickleError is a ValueError
+        message = " ".join(str(err).splitlines()) or type(err).__name__
+        print(f"convert_official.py: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

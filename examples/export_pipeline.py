@@ -17,6 +17,7 @@ import logging
 import sys
 
 from edm2_diffusers.hub import export_run
+from edm2_diffusers.run_lock import FolderLockedError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,5 +76,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FolderLockedError) as err:
         sys.exit(f"error: {err}")

@@ -15,7 +15,8 @@ import os
 import shutil
 import sys
 
-from edm2_diffusers.ema import PowerFunctionEMA, reconstruct
+from edm2_diffusers.ema import profile_folders, reconstruct
+from edm2_diffusers.run_lock import FolderLockedError, lock_for_writing
 
 
 def parse_stds(text: str) -> list[float]:
@@ -40,7 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[str]:
     args = parse_args(argv)
-    targets = {std: os.path.join(args.output_dir, PowerFunctionEMA.label(std)) for std in dict.fromkeys(args.stds)}
+    # Names that collide (0.0801 and 0.0804 both make ema-0.080) are refused before anything is read or written.
+    targets = {std: os.path.join(args.output_dir, name) for std, name in profile_folders(args.stds).items()}
+    if not os.path.isdir(args.run_dir):
+        raise FileNotFoundError(f"run directory {args.run_dir} does not exist")
+    with lock_for_writing(args.output_dir, args.run_dir, output_inside=True, purpose="EMA reconstruction"):
+        return _write(args, targets)
+
+
+def _write(args, targets: dict) -> list[str]:
     if not args.overwrite:
         for path in targets.values():
             if os.path.isdir(path) and os.listdir(path) or os.path.isfile(path):
@@ -65,5 +74,5 @@ def main(argv=None) -> list[str]:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FolderLockedError) as e:
         sys.exit(f"error: {e}")

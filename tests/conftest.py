@@ -1,9 +1,61 @@
 import json
+import os
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+
+# ------------------------------------------------------------------------------------------------ hermetic caches
+# The suite writes no cache under the user's home: HOME and every cache variable point into one temporary folder for
+# the session. Set at import, before the test modules import diffusers and datasets (which read HF_HOME and
+# HF_MODULES_CACHE once, at import) and inherited by every subprocess; restored in pytest_unconfigure. The digits
+# classifier cache (EDM2_DIFFUSERS_CACHE) is shared by the session's tests, so it trains once.
+_SANDBOX = Path(tempfile.mkdtemp(prefix="edm2-tests-"))
+FAKE_HOME = _SANDBOX / "home"
+_ENV = pytest.MonkeyPatch()
+for _name, _value in {
+    "HOME": FAKE_HOME,
+    "HF_HOME": _SANDBOX / "hf_home",
+    "HF_MODULES_CACHE": _SANDBOX / "hf_modules",
+    "HF_DATASETS_CACHE": _SANDBOX / "hf_home" / "datasets",
+    "EDM2_DIFFUSERS_CACHE": _SANDBOX / "edm2_cache",
+    "TORCH_HOME": _SANDBOX / "torch",
+    "MPLCONFIGDIR": _SANDBOX / "matplotlib",
+}.items():
+    _ENV.setenv(_name, str(_value))
+for _name in ("XDG_CACHE_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ASSETS_CACHE"):
+    _ENV.delenv(_name, raising=False)
+FAKE_HOME.mkdir(parents=True)
+
+
+def pytest_unconfigure(config):
+    _ENV.undo()
+    shutil.rmtree(_SANDBOX, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_cached_under_home():
+    """Fails the session if anything the tests ran wrote a cache under (the session's) $HOME."""
+    yield
+    written = [str(p.relative_to(FAKE_HOME)) for p in FAKE_HOME.rglob("*") if p.is_file()]
+    assert not written, f"tests wrote under $HOME: {written[:10]}"
+
+
+def free_port() -> int:
+    """A free TCP port for ``accelerate launch --main_process_port`` (never Accelerate's default 29500)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cache_root() -> str:
+    """The session's digits-classifier cache (``EDM2_DIFFUSERS_CACHE``, not under $HOME)."""
+    return os.environ["EDM2_DIFFUSERS_CACHE"]
+
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 

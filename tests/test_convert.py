@@ -57,8 +57,15 @@ def test_official_errors():
 def test_multigpu_errors():
     meta, tensors = load_golden("multigpu_unetC.safetensors")
     state, config = golden_state(tensors), golden_config(meta)
-    with pytest.raises(ValueError, match="'C' or 'E'"):
+    with pytest.raises(ValueError, match="'C', 'E' or 'G'"):
+        from_multigpu(state, config, "H")
+    with pytest.raises(ValueError, match="does not match"):  # a Config C checkpoint is not its UNetG
         from_multigpu(state, config, "G")
+    meta_g, tensors_g = load_golden("multigpu_unetG.safetensors")
+    with pytest.raises(ValueError, match="does not match"):  # nor the other way round
+        from_multigpu(golden_state(tensors_g), golden_config(meta_g), "E")
+    with pytest.raises(ValueError, match="no official counterpart"):  # its UNetG is not NVIDIA's G
+        to_official(from_multigpu(golden_state(tensors_g), golden_config(meta_g), "G"))
     with pytest.raises(ValueError, match="reweight_mlp"):
         from_multigpu({k: v for k, v in state.items() if k.startswith("nn_model")}, config, "C")
     with pytest.raises(ValueError, match="n_blocks must be at least 2"):

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_unet_config
+from conftest import cache_root, tiny_unet_config
 from torchmetrics.image.fid import _compute_fid
 
 from edm2_diffusers import EDM2Pipeline, EDM2UNet2DModel, EDMHeunScheduler
@@ -29,9 +29,7 @@ TINY = tiny_unet_config()
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """One classifier cache for the session (the digits classifier trains once, in seconds)."""
-    path = str(tmp_path_factory.getbasetemp() / "edm2_cache")
-    os.environ["EDM2_DIFFUSERS_CACHE"] = path
-    return path
+    return cache_root()  # conftest: one session cache, outside $HOME
 
 
 @pytest.fixture()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cache_root, free_port
 from PIL import Image
 
 from edm2_diffusers import EDM2Pipeline, EDMHeunScheduler
@@ -24,9 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    path = str(tmp_path_factory.getbasetemp() / "edm2_cache")
-    os.environ["EDM2_DIFFUSERS_CACHE"] = path
-    return path
+    return cache_root()  # conftest: one session cache, outside $HOME
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +202,8 @@ def test_multiprocess_generation_covers_request(tiny_run, cache_dir, tmp_path):
         "no",
         "--dynamo_backend",
         "no",
+        "--main_process_port",
+        str(free_port()),
         str(ROOT / "examples" / "evaluate.py"),
         *args,
     ]

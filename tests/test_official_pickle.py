@@ -1,244 +1,46 @@
-"""Reading official EDM2 network pickles without running their code.
+"""Official EDM2 network pickles into an ``EDM2UNet2DModel`` and whole ``EDM2Pipeline`` folders.
 
-The pickles here are written by this test itself, the way the official training code writes them: persistent objects
-reduce to ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` with the module source embedded in ``meta``,
-the top level is a ``dnnlib.util.EasyDict``, tensors and storages pickle the way torch pickles them. The two names are
-served by stand-in modules that exist only while a pickle is written (or while a test proves a payload is live).
+The pickles are written by the tests themselves, the way the official training code writes them
+(``official_pickles.py``).
 """
 
-import contextlib
+import importlib.util
 import io
 import json
 import os
 import pickle
-import shlex
 import subprocess
 import sys
-import textwrap
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import golden_config, golden_state, load_golden, tiny_unet_config, tiny_vae
-from torch import nn
+from conftest import tiny_unet_config, tiny_vae
+from official_pickles import (
+    EasyDict,
+    EDM2Loss,
+    Payload,
+    StabilityVAEEncoder,
+    build_precond,
+    dump_official,
+    embedded_source,
+    golden,
+    random_unet,
+    snapshot,
+    write_pickle,
+)
 
 from edm2_diffusers import EDM2UNet2DModel
 from edm2_diffusers.convert import from_official, to_official
-from edm2_diffusers.convert.official_pickle import (
-    ObjectRecord,
-    UnsafePickleError,
+from edm2_diffusers.convert.official_network import (
     extract_official_network,
     load_official_network,
-    load_official_pickle,
     official_latent_encoder,
     official_pickle_to_unet,
 )
+from edm2_diffusers.convert.safe_unpickler import ObjectRecord, load_official_pickle
 from edm2_diffusers.edm import denoise
-
-# ---------------------------------------------------------------------------------------------------------------------
-# A small imitation of the saver's persistence mechanism.
-
-_SOURCE = {"text": ""}  # the module source that persistent objects embed when pickled
-
-
-def _imitation_reconstruct(meta):
-    """What the real loader does with ``meta``: execute the embedded source and rebuild the object from it."""
-    module = types.ModuleType("_embedded_network_module")
-    exec(meta["module_src"], module.__dict__)
-    cls = module.__dict__[meta["class_name"]]
-    obj = cls.__new__(cls)
-    obj.__dict__.update(meta["state"])
-    return obj
-
-
-_imitation_reconstruct.__module__ = "torch_utils.persistence"
-_imitation_reconstruct.__qualname__ = _imitation_reconstruct.__name__ = "_reconstruct_persistent_obj"
-
-
-class EasyDict(dict):
-    """Stand-in for ``dnnlib.util.EasyDict`` (a dict with attribute access)."""
-
-
-EasyDict.__module__ = "dnnlib.util"
-
-
-@contextlib.contextmanager
-def imitation_modules():
-    """Serve ``torch_utils.persistence`` and ``dnnlib.util`` from this test while the block runs."""
-    persistence = types.ModuleType("torch_utils.persistence")
-    persistence._reconstruct_persistent_obj = _imitation_reconstruct
-    util = types.ModuleType("dnnlib.util")
-    util.EasyDict = EasyDict
-    torch_utils, dnnlib = types.ModuleType("torch_utils"), types.ModuleType("dnnlib")
-    torch_utils.persistence, dnnlib.util = persistence, util
-    fakes = {"torch_utils": torch_utils, "torch_utils.persistence": persistence, "dnnlib": dnnlib, "dnnlib.util": util}
-    assert not set(fakes) & set(sys.modules)
-    sys.modules.update(fakes)
-    try:
-        yield
-    finally:
-        for name in fakes:
-            sys.modules.pop(name, None)
-
-
-def dump_official(obj, source: str = "") -> bytes:
-    _SOURCE["text"] = source
-    with imitation_modules():
-        return pickle.dumps(obj)
-
-
-class Persistent:
-    """Mixin: pickle like a persistent class (embedded source, recorded constructor arguments)."""
-
-    def record_init(self, args, kwargs):
-        self._init_args, self._init_kwargs = tuple(args), dict(kwargs)
-
-    def __reduce__(self):
-        meta = dict(
-            type="class",
-            version=6,
-            module_src=_SOURCE["text"],
-            class_name=type(self).__name__,
-            state=dict(self.__dict__),
-        )
-        return _imitation_reconstruct, (meta,)
-
-
-class MPFourier(Persistent, nn.Module):
-    def __init__(self, num_channels):
-        super().__init__()
-        self.record_init((num_channels,), {})
-        self.register_buffer("freqs", torch.zeros(num_channels))
-        self.register_buffer("phases", torch.zeros(num_channels))
-
-
-class MPConv(Persistent, nn.Module):
-    def __init__(self, in_channels, out_channels, kernel):
-        super().__init__()
-        self.record_init((in_channels, out_channels), {"kernel": kernel})
-        self.out_channels = out_channels
-        self.weight = nn.Parameter(torch.zeros(out_channels, in_channels, *kernel))
-
-
-class Block(Persistent, nn.Module):
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.record_init((), kwargs)
-        c = {"dropout": 0, "res_balance": 0.3, "attn_balance": 0.3, "clip_act": 256, "resample_filter": [1, 1]}
-        c.update({k: v for k, v in kwargs.items() if k in c})
-        self.__dict__.update(c, flavor=kwargs["flavor"], resample_mode=kwargs["resample_mode"])
-        self.num_heads = 0  # set once the block's tensors are known
-
-
-class UNet(Persistent, nn.Module):
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.record_init((), kwargs)
-        self.label_balance = kwargs.get("label_balance", 0.5)
-        self.concat_balance = kwargs.get("concat_balance", 0.5)
-
-
-class Precond(Persistent, nn.Module):
-    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5, **unet_kwargs):
-        super().__init__()
-        self.record_init((), dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim))
-        self._init_kwargs.update(unet_kwargs)
-        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.use_fp16, self.sigma_data = use_fp16, sigma_data
-
-
-class EDM2Loss(Persistent):
-    def __init__(self, P_mean=-0.8, P_std=1.6, sigma_data=0.5):
-        self.record_init((), dict(P_mean=P_mean, P_std=P_std))
-        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
-
-
-class StandardRGBEncoder(Persistent):
-    def __init__(self):
-        self.record_init((), {})
-
-
-class StabilityVAEEncoder(Persistent):
-    def __init__(self, raw_mean=(5.81, 3.25, 0.12, -2.15), raw_std=(4.17, 4.62, 3.71, 3.28), final_std=0.5):
-        self.record_init((), {})
-        self.vae_name = "stabilityai/sd-vae-ft-mse"
-        self.scale = np.float32(final_std) / np.float32(raw_std)
-        self.bias = np.float32(0) - np.float32(raw_mean) * self.scale
-        self.batch_size = 8
-        self._vae = None
-
-
-def build_precond(state: dict, config: dict) -> Precond:
-    """A Precond-shaped module tree holding ``state`` (official keys), with the attributes the official one stores."""
-    config = dict(config)
-    block_kwargs = {k: config[k] for k in ("dropout", "res_balance", "attn_balance", "clip_act") if k in config}
-    config.setdefault("channels_per_head", 64)
-    net = Precond(**config)
-    for key, tensor in state.items():
-        *path, leaf = key.split(".")
-        node = net
-        for depth, name in enumerate(path):
-            if name not in node._modules:
-                parent = path[depth - 1] if depth else ""
-                if name == "unet":
-                    child = UNet(**{k: v for k, v in config.items() if k.endswith("_balance")})
-                elif name in ("enc", "dec"):
-                    child = nn.ModuleDict()
-                elif parent in ("enc", "dec") and not name.endswith("_conv"):
-                    mode = "down" if name.endswith("_down") else "up" if name.endswith("_up") else "keep"
-                    child = Block(flavor=parent, resample_mode=mode, **block_kwargs)
-                elif name.endswith("_fourier"):
-                    child = MPFourier(tensor.shape[0])
-                else:
-                    child = MPConv(tensor.shape[1], tensor.shape[0], list(tensor.shape[2:]))
-                node.add_module(name, child)
-            node = node._modules[name]
-        target = node._buffers if leaf in ("freqs", "phases") else node._parameters
-        target[leaf] = tensor.clone() if leaf in ("freqs", "phases") else nn.Parameter(tensor.clone())
-    for module in net.modules():
-        if isinstance(module, Block):
-            module.out_channels = module.conv_res1.weight.shape[0]
-            if "attn_qkv" in module._modules:
-                module.num_heads = module.out_channels // config["channels_per_head"]
-    return net
-
-
-def embedded_source(marker: Path) -> str:
-    """Module source that leaves ``marker`` (by Python) and ``marker.system`` (by a shell command) when executed."""
-    return textwrap.dedent(
-        f"""
-        import os
-        import torch
-        open({str(marker)!r}, "w").close()
-        os.system({"touch " + shlex.quote(str(marker) + ".system")!r})
-        class Precond(torch.nn.Module): pass
-        class UNet(torch.nn.Module): pass
-        class Block(torch.nn.Module): pass
-        class MPConv(torch.nn.Module): pass
-        class MPFourier(torch.nn.Module): pass
-        class EDM2Loss: pass
-        class StandardRGBEncoder: pass
-        class StabilityVAEEncoder: pass
-        """
-    )
-
-
-def snapshot(net, encoder=None):
-    """The top-level dict of an official snapshot pickle."""
-    return EasyDict(
-        encoder=encoder if encoder is not None else StandardRGBEncoder(),
-        dataset_kwargs=EasyDict(class_name="training.dataset.ImageFolderDataset", path="img64.zip", use_labels=True),
-        loss_fn=EDM2Loss(),
-        ema=net,
-    )
-
-
-def golden():
-    meta, tensors = load_golden("edm2_official_unet.safetensors")
-    return golden_config(meta), golden_state(tensors), tensors
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Official-format pickles load into records and convert.
@@ -321,24 +123,6 @@ def test_class_conditional_round_trip(tmp_path):
     assert not torch.allclose(other, out)  # the labels matter
 
 
-def test_tensor_geometry_and_dtypes_survive():
-    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    tensors = {
-        "transposed": base.t(),
-        "offset_slice": base[1:, 2:5],
-        "scalar": torch.tensor(3.5),
-        "empty": torch.zeros(0, 3),
-        "bf16": base.to(torch.bfloat16),
-        "int64": torch.arange(5),
-        "bool": torch.tensor([True, False, True]),
-        "param": nn.Parameter(torch.randn(2, 3)),
-    }
-    loaded = load_official_pickle(io.BytesIO(dump_official(tensors)))
-    for name, ref in tensors.items():
-        assert type(loaded[name]) is torch.Tensor and loaded[name].dtype == ref.dtype, name
-        assert torch.equal(loaded[name], ref.detach()), name
-
-
 def test_latent_encoder_constants(tmp_path):
     config, state, _ = golden()
     blob = dump_official(snapshot(build_precond(state, config), StabilityVAEEncoder()))
@@ -372,129 +156,10 @@ def test_clear_errors_for_unusable_pickles(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Nothing in the pickle runs.
-
-
-class Payload:
-    """Pickles as ``func(*args)``: the classic way a pickle runs a command when loaded."""
-
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
-
-
-def _payloads(marker: Path):
-    touch = "touch " + shlex.quote(str(marker))
-    return {
-        "os.system": (Payload(os.system, touch), f"{os.system.__module__}.system"),
-        "builtins.eval": (Payload(eval, f"open({str(marker)!r}, 'w').close()"), "builtins.eval"),
-        "subprocess.call": (Payload(subprocess.call, ["touch", str(marker)]), "subprocess.call"),
-        "builtins.exec": (Payload(exec, f"open({str(marker)!r}, 'w').close()"), "builtins.exec"),
-    }
-
-
-@pytest.mark.parametrize("kind", ["os.system", "builtins.eval", "subprocess.call", "builtins.exec"])
-def test_command_payloads_are_refused_and_never_run(tmp_path, kind):
-    marker = tmp_path / "payload-ran"
-    payload, global_name = _payloads(marker)[kind]
-    blob = pickle.dumps({"ema": payload})
-    pickle.loads(blob)  # the payload is live: plain pickle runs it
-    assert marker.exists()
-    marker.unlink()
-
-    with pytest.raises(UnsafePickleError, match=f"'{global_name}'") as err:
-        load_official_pickle(io.BytesIO(blob))
-    assert isinstance(err.value, pickle.UnpicklingError) and isinstance(err.value, ValueError)
-    assert not marker.exists()
-
-    # The same payload hidden deep inside an otherwise valid network.
-    config, state, _ = golden()
-    net = build_precond(state, config)
-    net.unet.enc["8x8_block1"].clip_act = payload
-    with pytest.raises(UnsafePickleError, match=f"'{global_name}'"):
-        load_official_pickle(io.BytesIO(dump_official(snapshot(net))))
-    assert not marker.exists()
-
-
-def test_embedded_module_source_is_never_executed(tmp_path):
-    config, state, _ = golden()
-    marker = tmp_path / "embedded-source-ran"
-    blob = dump_official(snapshot(build_precond(state, config)), embedded_source(marker))
-    with imitation_modules():  # the real mechanism executes the source: the file is dangerous
-        assert type(pickle.loads(blob)["ema"]).__name__ == "Precond"
-    assert marker.exists() and Path(f"{marker}.system").exists()
-    marker.unlink()
-    Path(f"{marker}.system").unlink()
-
-    network = load_official_network(io.BytesIO(blob))
-    assert network.state_dict.keys() == state.keys()
-    assert not marker.exists() and not Path(f"{marker}.system").exists()
-
-
-def test_malicious_source_of_a_persistent_object_stays_text(tmp_path):
-    marker = tmp_path / "malicious-source-ran"
-    source = f"import os\nos.system({'touch ' + shlex.quote(str(marker))!r})\nclass EDM2Loss: pass\n"
-    data = load_official_pickle(io.BytesIO(dump_official({"loss_fn": EDM2Loss()}, source)))
-    assert data["loss_fn"].module_src == source and data["loss_fn"].attributes["P_std"] == 1.6
-    assert not marker.exists()
-
-
-def _legacy_storage_bytes(main: bytes) -> bytes:
-    """Bytes in the layout of torch's legacy storage format, with ``main`` as its main record."""
-    head = pickle.dumps(0x1950A86A20F9469CFC6C) + pickle.dumps(1001)
-    head += pickle.dumps({"protocol_version": 1001, "little_endian": True, "type_sizes": {}})
-    return head + main + pickle.dumps([])
-
-
-class LoadFromBytes:
-    def __init__(self, data):
-        self.data = data
-
-    def __reduce__(self):
-        return torch.storage._load_from_bytes, (self.data,)
-
-
-@pytest.mark.parametrize(
-    "blob, refused",
-    [
-        # Payloads through other opcodes and look-alike names next to the allowed ones.
-        (b"(S'echo pwned'\nios\nsystem\n.", "os.system"),  # INST, protocol 0
-        (b"cposix\nsystem\n(S'echo pwned'\ntR.", "posix.system"),  # GLOBAL + REDUCE, protocol 0
-        (pickle.dumps(Payload(torch.load, "x.pt")), "torch.serialization.load"),
-        (pickle.dumps(Payload(torch._utils._rebuild_tensor, None, 0, (1,), (1,))), "torch._utils._rebuild_tensor'"),
-        (pickle.dumps(Payload(nn.Sequential)), "torch.nn.modules.container.Sequential"),
-        # A command hidden inside a tensor storage's bytes.
-        (pickle.dumps(LoadFromBytes(_legacy_storage_bytes(pickle.dumps(Payload(os.system, "echo pwned"))))), "system"),
-        # A numpy object array (its elements are pickled objects).
-        (pickle.dumps(np.array([1, "a"], dtype=object)), "numpy dtype 'O8'"),
-    ],
-    ids=["inst", "global-reduce", "torch.load", "rebuild_tensor_v1", "sequential", "inside-storage", "object-array"],
-)
-def test_other_refusals(blob, refused):
-    with pytest.raises(UnsafePickleError, match=refused.replace(".", r"\.")):
-        load_official_pickle(io.BytesIO(blob))
-
-
-def test_lookalike_persistence_function_is_refused():
-    with imitation_modules():
-        persistence = sys.modules["torch_utils.persistence"]
-        persistence._src_to_module = lambda src: None
-        persistence._src_to_module.__module__ = "torch_utils.persistence"
-        persistence._src_to_module.__qualname__ = "_src_to_module"
-        blob = pickle.dumps(Payload(persistence._src_to_module, "import os"))
-    with pytest.raises(UnsafePickleError, match=r"'torch_utils\.persistence\._src_to_module'"):
-        load_official_pickle(io.BytesIO(blob))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Pipelines from official pickles, through the example script.
 
 
 def _load_script():
-    import importlib.util
-
     path = Path(__file__).resolve().parents[1] / "examples" / "convert_official.py"
     spec = importlib.util.spec_from_file_location("convert_official_script", path)
     module = importlib.util.module_from_spec(spec)
@@ -502,26 +167,11 @@ def _load_script():
     return module
 
 
-def _random_unet(seed, **overrides):
-    torch.manual_seed(seed)
-    model = EDM2UNet2DModel(**tiny_unet_config(**overrides)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_()
-    return model
-
-
-def _write_pickle(path, model, encoder=None):
-    state, config = to_official(model)
-    path.write_bytes(dump_official(snapshot(build_precond(state, config), encoder)))
-    return path
-
-
 def test_script_converts_a_guided_class_conditional_pair(tmp_path):
     from edm2_diffusers import EDM2Pipeline, EDMHeunScheduler
 
-    main, guide = _random_unet(0, num_class_embeds=5), _random_unet(1, model_channels=8)
-    main_pkl, guide_pkl = _write_pickle(tmp_path / "main.pkl", main), _write_pickle(tmp_path / "guide.pkl", guide)
+    main, guide = random_unet(0, num_class_embeds=5), random_unet(1, model_channels=8)
+    main_pkl, guide_pkl = write_pickle(tmp_path / "main.pkl", main), write_pickle(tmp_path / "guide.pkl", guide)
     out = tmp_path / "pipe"
     script = _load_script()
     args = [str(main_pkl), str(out), "--guidance", str(guide_pkl), "--guidance_scale", "1.7"]
@@ -554,10 +204,10 @@ def test_script_converts_a_guided_class_conditional_pair(tmp_path):
 
 def test_latent_network_with_and_without_vae(tmp_path):
     from edm2_diffusers import EDM2Pipeline
-    from edm2_diffusers.convert.official_pickle import convert_official_pipeline, save_converted_pipeline
+    from edm2_diffusers.convert.official_pipeline import convert_official_pipeline, save_converted_pipeline
 
-    model = _random_unet(0, in_channels=4, out_channels=4)
-    pkl = _write_pickle(tmp_path / "latent.pkl", model, StabilityVAEEncoder())
+    model = random_unet(0, in_channels=4, out_channels=4)
+    pkl = write_pickle(tmp_path / "latent.pkl", model, StabilityVAEEncoder())
     vae_dir = tmp_path / "vae"
     tiny_vae().save_pretrained(vae_dir)
 
@@ -577,14 +227,14 @@ def test_latent_network_with_and_without_vae(tmp_path):
 
 
 def test_pipeline_conversion_errors(tmp_path):
-    from edm2_diffusers.convert.official_pickle import convert_official_pipeline, save_converted_pipeline
+    from edm2_diffusers.convert.official_pipeline import convert_official_pipeline, save_converted_pipeline
 
-    pkl = _write_pickle(tmp_path / "pixel.pkl", _random_unet(0))
+    pkl = write_pickle(tmp_path / "pixel.pkl", random_unet(0))
     with pytest.raises(ValueError, match="together"):
         convert_official_pipeline(pkl, guidance_pickle=pkl)
     with pytest.raises(ValueError, match="works on pixels"):
         convert_official_pipeline(pkl, vae=tiny_vae())
-    latent_guide = _write_pickle(tmp_path / "latent.pkl", _random_unet(1), StabilityVAEEncoder())
+    latent_guide = write_pickle(tmp_path / "latent.pkl", random_unet(1), StabilityVAEEncoder())
     with pytest.raises(ValueError, match="latent space"):
         convert_official_pipeline(pkl, guidance_pickle=latent_guide, guidance_scale=2.0)
     unrelated = tmp_path / "notes"
@@ -593,3 +243,69 @@ def test_pipeline_conversion_errors(tmp_path):
     with pytest.raises(ValueError, match="not a pipeline folder"):
         save_converted_pipeline(convert_official_pipeline(pkl), unrelated, overwrite=True)
     assert (unrelated / "keep.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every refusal of the script is one line naming the problem and the file, exit status 1, nothing written.
+
+
+def _bad_input(tmp_path, case: str):
+    """``(argv, the file the message must name, a fragment of the message)`` for one kind of bad input."""
+    good = write_pickle(tmp_path / "good.pkl", random_unet(0))
+    bad, out = tmp_path / f"{case}.pkl", str(tmp_path / "pipe")
+    if case == "missing":
+        return [str(bad), out], bad, "network pickle not found"
+    if case == "folder":
+        bad.mkdir()
+        return [str(bad), out], bad, "(it is a folder)"
+    if case == "not-out-dir":  # an existing folder with someone's file in it
+        (tmp_path / "pipe").mkdir()
+        (tmp_path / "pipe" / "keep.txt").write_text("mine")
+        return [str(good), out], tmp_path / "pipe", "exists and is not empty"
+    blobs = {
+        "json": (b'{"ema": 1}', "b'{' at offset 0 is not a pickle opcode"),
+        "truncated": (good.read_bytes()[:-100], "could not read the network pickle"),
+        "unsafe": (pickle.dumps({"ema": Payload(os.system, f"touch {tmp_path / 'ran'}")}), "refusing to load global"),
+        "huge": (b"\x80\x04\x8e" + (1 << 30).to_bytes(8, "little") + b"abc", "declares 1073741824 bytes"),
+        "deep": (b"(" * 100_000 + b"l" * 100_000 + b".", "nests its data"),
+        "no-network": (dump_official(EasyDict(net=1)), "the pickle has no 'ema' entry"),
+        "unsafe-guidance": (pickle.dumps({"ema": Payload(os.system, "true")}), "refusing to load global"),
+    }
+    if case == "zip":
+        torch.save({"ema": torch.zeros(2)}, bad)
+        return [str(bad), out], bad, "zip archive (as torch.save writes)"
+    blob, fragment = blobs[case]
+    bad.write_bytes(blob)
+    if case == "unsafe-guidance":
+        return [str(good), out, "--guidance", str(bad), "--guidance_scale", "1.5"], bad, fragment
+    return [str(bad), out], bad, fragment
+
+
+_CASES = ["missing", "folder", "json", "zip", "truncated", "unsafe", "huge", "deep", "no-network", "unsafe-guidance"]
+
+
+@pytest.mark.parametrize("case", [*_CASES, "not-out-dir"])
+def test_script_refusals_are_one_line_naming_the_file(tmp_path, capsys, case):
+    argv, named, fragment = _bad_input(tmp_path, case)
+    assert _load_script().cli(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith("convert_official.py: error: ")
+    assert str(named) in captured.err and fragment in captured.err, captured.err
+    if case == "not-out-dir":
+        assert [p.name for p in (tmp_path / "pipe").iterdir()] == ["keep.txt"]
+    else:
+        assert not (tmp_path / "pipe").exists()
+    assert not (tmp_path / "ran").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
+
+
+def test_script_refusal_from_the_command_line(tmp_path):
+    argv, named, _ = _bad_input(tmp_path, "unsafe")
+    script = Path(__file__).resolve().parents[1] / "examples" / "convert_official.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    result = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"{named}: refusing to load global '{os.system.__module__}.system'" in result.stderr
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "pipe").exists()

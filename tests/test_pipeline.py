@@ -1,6 +1,8 @@
 """EDM2Pipeline: schedulers, output types, class labels, guidance, save/load and latent decoding."""
 
+import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -311,3 +313,183 @@ def test_pipeline_default_latent_final_std():
 
 def pipe_default_final_std():
     return make_pipe().config.latent_final_std
+
+
+# -- diffusers call conventions: callbacks, interrupt, sigmas, batch size from labels, stored defaults --
+
+
+def manual_loop(pipe, noise, n, edit_at=None, edit=None):
+    """The pipeline's loop written out with its scheduler and unet; `edit` replaces the sample after step `edit_at`."""
+    sched = pipe.scheduler
+    sched.set_timesteps(n)
+    x = noise * sched.init_noise_sigma
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            F = pipe.unet(sched.scale_model_input(x, t), t).sample
+            x = sched.step(F, t, x).prev_sample
+            if i == edit_at:
+                x = edit(x)
+    return x
+
+
+def test_callback_on_step_end_sees_every_step_and_can_replace_the_latents():
+    pipe = make_pipe()
+    kw = dict(batch_size=2, num_inference_steps=3, output_type="latent")
+    seen = []
+
+    def record(p, step, timestep, callback_kwargs):
+        assert p is pipe and set(callback_kwargs) == {"latents"}
+        seen.append((step, float(timestep), callback_kwargs["latents"].clone()))
+        return {}
+
+    plain = pipe(generator=gen(0), callback_on_step_end=record, **kw).images
+    assert pipe.num_timesteps == 5
+    assert [s for s, _, _ in seen] == [0, 1, 2, 3, 4]  # once per network evaluation, in order
+    assert [t for _, t, _ in seen] == pipe.scheduler.timesteps.tolist()
+    assert torch.equal(seen[-1][2], plain)  # the callback sees the sample the next evaluation gets
+
+    def double_at_end(p, step, timestep, callback_kwargs):
+        return {"latents": callback_kwargs["latents"] * 2 + 1} if step == 4 else {}
+
+    assert torch.equal(pipe(generator=gen(0), callback_on_step_end=double_at_end, **kw).images, plain * 2 + 1)
+
+    def halve_at_2(p, step, timestep, callback_kwargs):
+        return {"latents": callback_kwargs["latents"] * 0.5} if step == 2 else {}
+
+    edited = pipe(generator=gen(0), callback_on_step_end=halve_at_2, **kw).images
+    noise = torch.randn(2, 1, 8, 8, generator=gen(0))
+    assert torch.equal(edited, manual_loop(pipe, noise, 3, edit_at=2, edit=lambda x: x * 0.5))
+    assert torch.equal(plain, manual_loop(pipe, noise, 3))
+    assert (edited - plain).abs().max() > 1e-3
+
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(generator=gen(0), callback_on_step_end=record, callback_on_step_end_tensor_inputs=["noise_pred"], **kw)
+
+
+def test_diffusers_pipeline_callback_objects_are_accepted():
+    from diffusers.callbacks import PipelineCallback
+
+    class ZeroAtCutoff(PipelineCallback):  # diffusers' callback class: tensor_inputs name what it reads
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            cutoff = self.config.cutoff_step_index
+            return {"latents": callback_kwargs["latents"] * 0} if step_index == cutoff else callback_kwargs
+
+    pipe = make_pipe()
+    callback = ZeroAtCutoff(cutoff_step_ratio=None, cutoff_step_index=2)
+    out = pipe(1, 2, gen(0), output_type="latent", callback_on_step_end=callback).images
+    assert torch.equal(out, torch.zeros_like(out)) and pipe.num_timesteps == 3
+
+
+def test_interrupt_stops_early():
+    pipe = make_pipe()
+    counter = CountCalls(pipe.unet)
+    seen = {}
+
+    def stop_after_1(p, step, timestep, callback_kwargs):
+        seen[step] = callback_kwargs["latents"].clone()
+        if step == 1:
+            p._interrupt = True
+        return {}
+
+    out = pipe(1, 3, gen(0), output_type="latent", callback_on_step_end=stop_after_1).images
+    assert counter.n == 2 and sorted(seen) == [0, 1] and pipe.interrupt
+    assert torch.equal(out, seen[1])  # the output is the sample where sampling stopped
+    pipe(1, 3, gen(0), output_type="latent")  # the next call starts afresh
+    assert counter.n == 2 + 5 and not pipe.interrupt
+
+
+def test_custom_sigmas_are_honoured():
+    pipe = make_pipe()
+    sigmas = [10.0, 1.0, 0.1]
+    out = pipe(1, generator=gen(2), sigmas=sigmas, output_type="latent").images
+    assert pipe.num_timesteps == 5
+    torch.testing.assert_close(pipe.scheduler.step_sigmas, torch.tensor(sigmas + [0.0], dtype=torch.float64))
+    x = torch.randn(1, 1, 8, 8, generator=gen(2)) * sigmas[0]
+    t = sigmas + [0.0]
+    with torch.no_grad():
+        for i in range(3):
+            d = (x - denoise(pipe.unet, x, t[i])) / t[i]
+            x_next = x + (t[i + 1] - t[i]) * d
+            if t[i + 1] > 0:
+                x_next = x + (t[i + 1] - t[i]) * 0.5 * (d + (x_next - denoise(pipe.unet, x_next, t[i + 1])) / t[i + 1])
+            x = x_next
+    assert_close_to_scale(out, x)
+    with pytest.raises(ValueError, match="custom sigmas"):
+        pipe(1, num_inference_steps=2, sigmas=sigmas)
+    with pytest.raises(ValueError, match="EDMEulerScheduler"):
+        make_pipe(scheduler=EDMEulerScheduler())(1, sigmas=sigmas)
+
+
+def test_batch_size_is_taken_from_class_labels():
+    pipe = make_pipe(unet=tiny_unet(num_class_embeds=4))
+    kw = dict(num_inference_steps=2, output_type="latent")
+    explicit = pipe(batch_size=3, generator=gen(0), class_labels=[0, 3, 1], **kw).images
+    for labels in ([0, 3, 1], torch.tensor([0, 3, 1]), torch.tensor([[0], [3], [1]]), torch.eye(4)[[0, 3, 1]]):
+        assert torch.equal(pipe(generator=gen(0), class_labels=labels, **kw).images, explicit)
+    assert pipe(generator=gen(0), class_labels=2, **kw).images.shape[0] == 1
+    assert pipe(generator=gen(0), **kw).images.shape[0] == 1
+    with pytest.raises(ValueError, match="batch_size=2 conflicts with the 3 class_labels"):
+        pipe(batch_size=2, generator=gen(0), class_labels=torch.tensor([[0], [3], [1]]), **kw)
+
+
+def test_non_edm_scheduler_is_refused_before_drawing_noise():
+    from diffusers import DDPMScheduler, HeunDiscreteScheduler
+
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler"):
+        EDM2Pipeline(unet=tiny_unet(), scheduler=HeunDiscreteScheduler())
+    pipe = make_pipe()
+    pipe.scheduler = DDPMScheduler()
+    g = gen(0)
+    state = g.get_state()
+    with pytest.raises(ValueError, match="needs an EDM scheduler.*got DDPMScheduler"):
+        pipe(batch_size=1, num_inference_steps=2, generator=g)
+    assert torch.equal(g.get_state(), state)  # no noise was drawn
+
+
+def test_stored_defaults_round_trip_and_drive_the_call(tmp_path):
+    unet, guide = tiny_unet(0), tiny_unet(1)
+    pipe = make_pipe(unet=unet, guidance_unet=guide, default_num_inference_steps=2, default_guidance_scale=1.5)
+    by_default = pipe(generator=gen(0), output_type="latent").images
+    assert pipe.num_timesteps == 3 and pipe.guidance_scale == 1.5
+    explicit = pipe(generator=gen(0), num_inference_steps=2, guidance_scale=1.5, output_type="latent").images
+    assert torch.equal(by_default, explicit)
+    assert not torch.equal(by_default, pipe(generator=gen(0), guidance_scale=1.0, output_type="latent").images)
+
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["default_num_inference_steps"] == 2 and index["default_guidance_scale"] == 1.5
+    loaded = EDM2Pipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded, EDM2Pipeline) and isinstance(loaded.scheduler, EDMHeunScheduler)
+    assert loaded.config.default_num_inference_steps == 2 and loaded.config.default_guidance_scale == 1.5
+    assert torch.equal(loaded(generator=gen(0), output_type="latent").images, by_default)
+
+    # nothing stored: 32 steps (stop at once, the step count is what matters) and no guidance
+    bare = make_pipe(unet=unet)
+    assert bare.config.default_num_inference_steps is None and bare.config.default_guidance_scale is None
+
+    def stop(p, step, timestep, callback_kwargs):
+        p._interrupt = True
+        return {}
+
+    bare(generator=gen(0), output_type="latent", callback_on_step_end=stop)
+    assert bare.num_timesteps == 2 * EDM2Pipeline.DEFAULT_NUM_INFERENCE_STEPS - 1 == 63 and bare.guidance_scale == 1
+    no_guide = make_pipe(unet=unet, default_guidance_scale=2.0)
+    with pytest.raises(ValueError, match="default_guidance_scale"):
+        no_guide(generator=gen(0))
+    with pytest.raises(ValueError, match="default_num_inference_steps"):
+        make_pipe(unet=unet, default_num_inference_steps=0)
+
+
+def test_scheduler_config_in_a_saved_pipeline_is_strict_json(tmp_path):
+    make_pipe(scheduler=EDMHeunScheduler(s_churn=1.0, clip_sample=True)).save_pretrained(tmp_path)
+
+    def strict(name):
+        raise ValueError(f"non-finite JSON constant {name}")
+
+    stored = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text(), parse_constant=strict)
+    assert stored["s_tmax"] == sys.float_info.max and stored["clip_sample"] is True
+    loaded = EDM2Pipeline.from_pretrained(tmp_path)
+    assert loaded.scheduler.config.s_tmax == math.inf and loaded.scheduler.config.clip_sample is True

@@ -1,6 +1,7 @@
 """Training config (YAML + flags), the learning-rate schedule and the EDM2 loss."""
 
 import importlib.util
+import inspect
 import math
 from pathlib import Path
 
@@ -136,6 +137,27 @@ def test_dataset_configs_carry_the_edm2_multigpu_hyper_parameters(dataset, image
     assert c["num_epochs"] == (1000 if cifar else 2000) and e["num_epochs"] == 2000
     flips = load_config(ROOT / "configs" / dataset / "E.yaml")["data"]["random_flip"]
     assert flips is cifar
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "tinyimagenet"])
+@pytest.mark.parametrize("arch", ["C", "E", "G"])
+def test_seed_configs_use_edm2_multigpu_optimizer_and_precision(dataset, arch):
+    # edm2-multi-gpu builds torch.optim.Adam(params, lr): torch's default betas and eps, read from torch itself.
+    defaults = inspect.signature(torch.optim.Adam).parameters
+    t = load_config(ROOT / "configs" / dataset / f"{arch}.yaml")["training"]
+    assert (t["adam_beta1"], t["adam_beta2"]) == tuple(defaults["betas"].default)
+    assert t["adam_epsilon"] == defaults["eps"].default
+    assert t["mixed_precision"] == "fp16"  # its documented commands pass --use_amp (fp16 autocast + GradScaler)
+
+
+def test_ema_section_is_checked_when_the_config_is_validated(tmp_path):
+    base = "model: {sample_size: 8}\ntraining: {train_batch_size: 4, max_train_steps: 1, output_dir: o}\n"
+    bad = write(tmp_path / "bad.yaml", base + "ema: {type: traditional, posthoc: {stds: [0.05], every: 3}}\n")
+    with pytest.raises(ValueError, match="ema.posthoc.every"):
+        validate_config(load_config(bad))
+    good = write(tmp_path / "good.yaml", base + "ema: {type: traditional, posthoc: {stds: [0.05]}}\n")
+    cfg = load_config(good, {"ema.snapshot_every_steps": 7})  # the flag sets the post-hoc snapshot spacing
+    assert validate_config(cfg)["ema"]["posthoc"] == {"stds": [0.05], "snapshot_every_steps": 7}
 
 
 # ------------------------------------------------------------------------------------------------ schedule

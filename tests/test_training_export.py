@@ -155,6 +155,31 @@ def test_traditional_ema_run_exports_its_single_average(tmp_path):
     assert sample(load_pipeline(out / "pipeline")).shape == (2, 8, 8, 1)
 
 
+def test_traditional_ema_with_posthoc_profiles_exports_the_average_and_keeps_snapshots(tmp_path):
+    from edm2_diffusers.hub import export_run
+
+    out = tmp_path / "run"
+    ema = {"type": "traditional", "beta": 0.9, "warmup": "ema_pytorch", "posthoc": {"stds": [0.05, 0.10]}}
+    cfg = load_config(tiny_config(tmp_path, ema=ema), {"training.output_dir": str(out), "ema.snapshot_every_steps": 2})
+    result = train(cfg)
+
+    # Snapshots of the power-function profiles every 2 steps and at the last one.
+    names = sorted(p.name for p in (out / "phema").iterdir())
+    assert names == [f"phema-{s:09d}-{d}.safetensors" for s in (2, 3) for d in ("0.050", "0.100")]
+    # The export is the traditional EMA, as it is.
+    info = read_export_info(out / "pipeline")
+    assert info["ema"]["type"] == "traditional" and info["ema"]["warmup"] == "ema_pytorch"
+    saved = load_file(str(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    ((_, net),) = result.ema.averaged_models()
+    for name, value in net.state_dict().items():
+        assert torch.equal(saved[name], value), name
+    # Post-hoc EMA of the same run: any std reconstructs from the snapshots.
+    export_run(out, tmp_path / "posthoc", stds=[0.07], overwrite=True)
+    posthoc = load_file(str(tmp_path / "posthoc" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(posthoc[n], v) for n, v in net.state_dict().items() if v.is_floating_point())
+    assert sample(load_pipeline(tmp_path / "posthoc")).shape == (2, 8, 8, 1)
+
+
 # ------------------------------------------------------------------------------------------------ Hub
 
 

@@ -207,10 +207,11 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
-    ema_a = torch.load(a / "custom_checkpoint_1.pkl", weights_only=False)["emas"]
-    ema_b = torch.load(b / "custom_checkpoint_1.pkl", weights_only=False)["emas"]
-    for pa, pb in zip(ema_a, ema_b):
-        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    ema_a, ema_b = load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors"))
+    assert ema_a.keys() == ema_b.keys() and len(ema_a) > 0
+    for key in ema_a:
+        assert torch.equal(ema_a[key], ema_b[key]), key
+    assert json.loads((a / "ema_state.json").read_text()) == json.loads((b / "ema_state.json").read_text())
     assert json.loads((a / "training_state.json").read_text()) == json.loads((b / "training_state.json").read_text())
 
 
@@ -270,3 +271,25 @@ def test_script_flags_override_the_yaml(tmp_path):
     assert [s for s, _ in list_checkpoints(out)] == [2]  # 0: only the final checkpoint
     assert json.loads((out / "checkpoint-2" / "training_state.json").read_text())["images_seen"] == 8
     assert len(list((out / "phema").glob("*.safetensors"))) == 2
+
+
+def test_traditional_ema_with_posthoc_profiles_writes_snapshots_and_exports_the_traditional_average(tmp_path):
+    cfg = load_config(
+        tiny_config(tmp_path, max_train_steps=4, checkpointing_steps=0, output_dir=str(tmp_path / "run"))
+    )
+    cfg["ema"] = {
+        "type": "traditional",
+        "beta": 0.9,
+        "warmup": "ema_pytorch",
+        "posthoc": {"stds": [0.05, 0.1], "snapshot_every_steps": 3},
+    }
+    result = train(cfg)
+    out = tmp_path / "run"
+    # The tracker decides its snapshots: every 3 steps and at the last step, for both profiles.
+    steps = sorted({int(p.name.split("-")[1]) for p in (out / "phema").glob("phema-*.safetensors")})
+    assert steps == [3, 4] and len(list((out / "phema").glob("*.safetensors"))) == 4
+    # The export holds the traditional average the run evaluated, as it is.
+    exported = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    ((_, net),) = result.ema.averaged_models()
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(exported[name], value.to(exported[name].dtype), rtol=0, atol=0)

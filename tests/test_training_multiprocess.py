@@ -2,15 +2,16 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import yaml
-from conftest import tiny_unet_config
+from conftest import free_port, tiny_unet_config
 from safetensors.torch import load_file
+from test_run_safety import hold_lock, let_go
+from test_training_loop import tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,23 +19,22 @@ ROOT = Path(__file__).resolve().parents[1]
 RANK_SCRIPT = """
 import json, os, sys
 from safetensors.torch import save_file
+from edm2_diffusers.run_lock import FolderLockedError
 from edm2_diffusers.training import load_config, train
 
 out = sys.argv[2]
-result = train(load_config(sys.argv[1], {"training.output_dir": out}))
 rank = int(os.environ["RANK"])
+try:
+    result = train(load_config(sys.argv[1], {"training.output_dir": out, **json.loads(sys.argv[3])}))
+except FolderLockedError as err:
+    print(f"rank {rank}: {err}", flush=True)
+    sys.exit(3)
 weights = {k: v.contiguous() for k, v in result.unet.state_dict().items()}
 save_file(weights, os.path.join(out, f"rank{rank}.safetensors"))
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"world": int(os.environ["WORLD_SIZE"]), "step": result.step, "images_seen": result.images_seen,
                "has_ema": result.ema is not None, "grids": len(result.sample_grids)}, f)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_cpu_processes_train_one_model(tmp_path):
@@ -76,6 +76,7 @@ def test_two_cpu_processes_train_one_model(tmp_path):
         str(tmp_path / "rank_train.py"),
         str(tmp_path / "cfg.yaml"),
         str(out),
+        "{}",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -97,3 +98,19 @@ def test_two_cpu_processes_train_one_model(tmp_path):
     assert (out / "checkpoint-3" / "random_states_1.pkl").exists()  # every process's RNG state is checkpointed
     ckpt = load_file(str(out / "checkpoint-3" / "model.safetensors"))
     assert all(torch.equal(ckpt[f"unet.{k}"], w0[k]) for k in w0)
+
+    # Another process holds the run folder: the main process cannot lock it, and neither rank goes on.
+    before = tree(out)
+    holder = hold_lock(out)
+    try:
+        cmd[cmd.index("--main_process_port") + 1] = str(free_port())
+        cmd[-1] = json.dumps({"training.resume_from_checkpoint": "latest", "training.max_train_steps": 6})
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        let_go(holder)
+    assert proc.returncode != 0
+    assert f"rank 0: {out} is in use by pid {holder.pid}" in proc.stdout, proc.stdout + proc.stderr
+    assert f"rank 1: the main process could not lock the run folder: {out} is in use by pid {holder.pid}" in (
+        proc.stdout
+    ), proc.stdout + proc.stderr
+    assert tree(out) == before

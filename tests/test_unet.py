@@ -1,5 +1,6 @@
 """EDM2UNet2DModel: golden parity, sizes, serialization, forced weight normalization, input checks."""
 
+import copy
 import math
 from pathlib import Path
 
@@ -21,6 +22,7 @@ GOLDEN_FILES = [
     "multigpu_unetE.safetensors",
     "multigpu_unetC_multihead.safetensors",
     "multigpu_unetE_multihead.safetensors",
+    "multigpu_unetG.safetensors",
 ]
 
 
@@ -62,6 +64,46 @@ def test_golden_parity_is_sensitive():
     assert (D - t["out.denoised"]).abs().max() / t["out.denoised"].abs().max() > 1e-4
 
 
+def test_multigpu_g_parity_needs_its_own_g():
+    """edm2-multi-gpu's UNetG: a perturbed weight or NVIDIA's middle blocks break parity; its options are recorded."""
+    model, t = convert_golden("multigpu_unetG.safetensors")
+    assert (model.config.pixel_norm, model.config.mid_flavor, model.config.emb_gain_init) == ("rms", "enc", 1.0)
+
+    def error(net):
+        with torch.no_grad():
+            D = denoise(net, t["in.x"], t["in.sigma"])
+        return ((D - t["out.denoised"]).abs().max() / t["out.denoised"].abs().max()).item()
+
+    assert error(model) <= 1e-5
+    for name in ("dec.8x8_in0.emb_gain", "dec.16x16_block0.conv_res0.weight", "enc.8x8_block0.attn_qkv.weight"):
+        perturbed = copy.deepcopy(model)
+        param = perturbed.get_parameter(name)
+        with torch.no_grad():  # weights are normalized when used: change their direction, not only their scale
+            param.add_(0.1 * param.abs().mean() * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+        assert error(perturbed) > 1e-4, name
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    nvidia_middle = EDM2UNet2DModel(**{**config, "mid_flavor": "dec"}).eval()
+    nvidia_middle.load_state_dict(model.state_dict())
+    assert error(nvidia_middle) > 1e-2
+    nvidia_norm = EDM2UNet2DModel(**{**config, "pixel_norm": "edm2"}).eval()
+    nvidia_norm.load_state_dict(model.state_dict())
+    assert error(nvidia_norm) > 10 * error(model)  # ε inside vs outside the root: small but measurable here
+
+
+def test_g_options_default_to_nvidia_and_belong_to_g():
+    g = EDM2UNet2DModel(**tiny_unet_config(architecture="G"))
+    assert (g.config.pixel_norm, g.config.mid_flavor, g.config.emb_gain_init) == ("edm2", "dec", 0.0)
+    assert all(b.emb_gain.item() == 0 for b in g.enc.values() if hasattr(b, "emb_gain"))
+    ours = EDM2UNet2DModel(**tiny_unet_config(architecture="G", emb_gain_init=1.0, mid_flavor="enc"))
+    assert all(b.emb_gain.item() == 1 for b in ours.dec.values())
+    assert all(b.flavor == "enc" for n, b in ours.dec.items() if n.endswith(("_in0", "_in1")))
+    for bad, match in (({"pixel_norm": "l2"}, "pixel_norm"), ({"mid_flavor": "up"}, "mid_flavor")):
+        with pytest.raises(ValueError, match=match):
+            EDM2UNet2DModel(**tiny_unet_config(architecture="G", **bad))
+    with pytest.raises(ValueError, match="Config G only"):
+        EDM2UNet2DModel(**tiny_unet_config(architecture="E", pixel_norm="rms"))
+
+
 def test_integer_labels_match_one_hot():
     model, t = convert_golden("official_cond_unet.safetensors")
     indices = t["in.class_labels"].argmax(dim=1)
@@ -70,7 +112,15 @@ def test_integer_labels_match_one_hot():
     assert_parity(D, t["out.denoised"])
 
 
-EXPECTED_SIZES = {"cifar10": 39_509_888, "cifar100": 39_509_888, "tinyimagenet": 62_414_720}
+# Trainable parameters of edm2-multi-gpu's networks (sum of requires_grad parameters, without the u(σ) head).
+# CIFAR: the counts its model/unetC.py, unetE.py and unetG.py print for their CIFAR-10 size (39.509888 M,
+# 39.509888 M, 39.542685 M). Tiny-ImageNet: counted with its UNetC/UNetE/UNetG constructors at config/tinyimagenet's
+# network (image_shape [3, 64, 64], n_channels 128, ch_mults [1, 2, 2, 2], is_attn at 16x16, n_blocks 5).
+EXPECTED_SIZES = {
+    "cifar10": {"C": 39_509_888, "E": 39_509_888, "G": 39_542_685},
+    "cifar100": {"C": 39_509_888, "E": 39_509_888, "G": 39_542_685},
+    "tinyimagenet": {"C": 62_414_720, "E": 62_414_720, "G": 62_447_533},
+}
 
 
 @pytest.mark.parametrize("dataset", sorted(EXPECTED_SIZES))
@@ -80,12 +130,18 @@ def test_config_parameter_counts(dataset, arch):
     with torch.device("meta"):
         model = EDM2UNet2DModel(**cfg["model"])
     assert model.config.architecture == arch
-    count = model.num_parameters_without_logvar()
-    if arch in ("C", "E"):
-        assert count == EXPECTED_SIZES[dataset]
-    else:
-        # Config G: same sizes, plus the learned gains and G's narrower first encoder convolutions.
-        assert abs(count - EXPECTED_SIZES[dataset]) / EXPECTED_SIZES[dataset] < 0.01
+    assert model.num_parameters_without_logvar() == EXPECTED_SIZES[dataset][arch]
+
+
+@pytest.mark.parametrize("name", [n for n in GOLDEN_FILES if n.startswith("multigpu")])
+def test_parameter_count_equals_the_reference_state_dict(name):
+    # The reference's own trainable tensors: its network's state dict without the fixed Fourier features.
+    meta, tensors = load_golden(name)
+    reference = sum(
+        v.numel() for k, v in golden_state(tensors).items() if k.startswith("nn_model.") and ".fourier." not in k
+    )
+    model, _ = convert_golden(name)
+    assert model.num_parameters_without_logvar() == reference
 
 
 @pytest.mark.parametrize("arch", ["C", "E", "G"])

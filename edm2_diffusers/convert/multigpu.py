@@ -1,4 +1,10 @@
-"""Conversion of edm2-multi-gpu checkpoints (Config C and E) into :class:`EDM2UNet2DModel`.
+"""Conversion of edm2-multi-gpu checkpoints (Config C, E and its own G) into :class:`EDM2UNet2DModel`.
+
+edm2-multi-gpu's ``UNetG`` is not NVIDIA's Config G; its differences are model options (see ``models/layers.py``):
+its pixel norm (encoder inputs and attention q, k, v) adds ε = 1e-8 to the mean square (``pixel_norm="rms"``), its
+two middle blocks are encoder blocks that pixel-normalize their input (``mid_flavor="enc"``), and its embedding gains
+start at 1 (``emb_gain_init=1.0``). Its per-block ``res.gain.g`` is our ``emb_gain`` and ``final.1.g`` our
+``out_gain``; the output gain multiplies the convolution's output where ours scales its weight (the same product).
 
 Differences handled here:
 
@@ -24,14 +30,17 @@ _BLOCK_PARTS = {
     "res.shortcut": "conv_skip",
     "attn.projection": "attn_qkv",
     "attn.output": "attn_proj",
+    "res.gain": "emb_gain",
 }
+# edm2-multi-gpu's UNetG, expressed as EDM2UNet2DModel options (defaults are NVIDIA's G).
+MULTIGPU_G_OPTIONS = {"pixel_norm": "rms", "mid_flavor": "enc", "emb_gain_init": 1.0}
 _NETWORK_KEYS = {"image_shape", "n_channels", "ch_mults", "is_attn", "dropout", "n_blocks", "attn_channels_per_head"}
 
 
 def multigpu_to_config(network: dict, architecture: str, logvar_channels: int = 256) -> dict:
     """Translate an edm2-multi-gpu ``network:`` mapping into ``EDM2UNet2DModel`` config values."""
-    if architecture not in ("C", "E"):
-        raise ValueError(f"edm2-multi-gpu conversion supports architecture 'C' or 'E', got {architecture!r}")
+    if architecture not in ("C", "E", "G"):
+        raise ValueError(f"edm2-multi-gpu conversion supports architecture 'C', 'E' or 'G', got {architecture!r}")
     unknown = sorted(set(network) - _NETWORK_KEYS)
     if unknown:
         raise ValueError(f"edm2-multi-gpu network config has unsupported key(s): {', '.join(unknown)}")
@@ -45,6 +54,7 @@ def multigpu_to_config(network: dict, architecture: str, logvar_channels: int = 
     n_blocks = int(network.get("n_blocks", 3))
     if n_blocks < 2:
         raise ValueError(f"n_blocks must be at least 2 (it counts the resampling block), got {n_blocks}")
+    extra = MULTIGPU_G_OPTIONS if architecture == "G" else {}
     return dict(
         architecture=architecture,
         sample_size=int(height),
@@ -60,6 +70,7 @@ def multigpu_to_config(network: dict, architecture: str, logvar_channels: int = 
         dropout=float(network.get("dropout", 0.1)),
         clip_act=None if architecture == "C" else 256,
         logvar_channels=logvar_channels,
+        **extra,
     )
 
 
@@ -77,7 +88,7 @@ def from_multigpu(state_dict: dict, config: dict, architecture: str) -> EDM2UNet
         state_dict (`dict`): the ``EDM`` module's state dict (``nn_model.*`` and ``reweight_mlp.*`` keys).
         config (`dict`): its ``network:`` kwargs (``image_shape``, ``n_channels``, ``ch_mults``, ``is_attn``,
             ``dropout``, ``n_blocks``).
-        architecture (`str`): ``"C"`` or ``"E"``.
+        architecture (`str`): ``"C"``, ``"E"`` or ``"G"`` (its own ``UNetG``, built with `MULTIGPU_G_OPTIONS`).
     """
     if "reweight_mlp.fourier.frequencies" not in state_dict:
         raise ValueError("state dict has no reweight_mlp.* entries: expected an edm2-multi-gpu EDM state dict")
@@ -95,7 +106,9 @@ def from_multigpu(state_dict: dict, config: dict, architecture: str) -> EDM2UNet
         "nn_model.image_proj.weight": f"enc.{next(iter(model.enc))}.weight",
         "nn_model.embedding.linear1.weight": "emb_noise.weight",
         "nn_model.embedding.linear2.weight": "emb_out.weight",
-        "nn_model.final.2.weight": "out_conv.weight",
+        "nn_model.final.2.weight": "out_conv.weight",  # C, E: final = (norm, SiLU, conv)
+        "nn_model.final.0.weight": "out_conv.weight",  # G: final = (conv, gain)
+        "nn_model.final.1.g": "out_gain",
         "nn_model.embedding.fourier.frequencies": "emb_fourier.freqs",
         "nn_model.embedding.fourier.phases": "emb_fourier.phases",
         "reweight_mlp.fourier.frequencies": "logvar_fourier.freqs",
@@ -110,6 +123,12 @@ def from_multigpu(state_dict: dict, config: dict, architecture: str) -> EDM2UNet
             target = top[key]
             if "fourier" in key:
                 value = value * (2 * math.pi)  # cycles → radians
+        elif key.endswith(".res.gain.g"):
+            prefix, part = key[: -len(".res.gain.g")], "res.gain"
+            if prefix not in blocks:
+                unused.append(key)
+                continue
+            target = f"{blocks[prefix]}.{_BLOCK_PARTS[part]}"
         else:
             prefix, _, part = key.rpartition(".weight")[0].partition(".res.")
             if not _:

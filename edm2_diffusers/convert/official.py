@@ -79,6 +79,11 @@ def config_to_official(model: EDM2UNet2DModel) -> dict:
         raise ValueError(f"only Config G models have an official counterpart, not {cfg.architecture!r}")
     if cfg.in_channels != cfg.out_channels:
         raise ValueError("the official network has as many output channels as input channels")
+    if cfg.get("pixel_norm", "edm2") != "edm2" or cfg.get("mid_flavor", "dec") != "dec":
+        raise ValueError(
+            "this is edm2-multi-gpu's UNetG (pixel_norm 'rms' or mid_flavor 'enc'), which computes differently from "
+            "the official network: it has no official counterpart"
+        )
     return dict(
         img_resolution=cfg.sample_size,
         img_channels=cfg.in_channels,

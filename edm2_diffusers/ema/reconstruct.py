@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .power import solve_posthoc_coefficients
-from .snapshots import SnapshotInfo, list_snapshots, load_snapshot  # noqa: F401  (load_snapshot: the one reader)
+from .snapshots import SnapshotInfo, list_snapshots, load_snapshot
+from .trackers import PowerFunctionEMA
 
 
 @dataclass
@@ -96,6 +97,28 @@ def _select(snapshots: list[SnapshotInfo], step: int | None) -> list[SnapshotInf
     if len(times) != 1:
         raise ValueError(f"snapshots at step {step} disagree on the EMA time ({sorted(times)})")
     return used
+
+
+def profile_folders(stds) -> dict[float, str]:
+    """The folder name of each EMA std (``ema-0.050``, :meth:`PowerFunctionEMA.label`), duplicates dropped.
+
+    The one place that checks names: reconstruction and the pipeline export both write one folder per std.
+
+    Raises:
+        ValueError: two different stds round to the same folder (names have 3 decimals), which would overwrite one.
+    """
+    folders: dict[float, str] = {}
+    owner: dict[str, float] = {}
+    for std in dict.fromkeys(float(s) for s in stds):
+        name = PowerFunctionEMA.label(std)
+        if name in owner:
+            raise ValueError(
+                f"EMA stds {owner[name]} and {std} share the folder {name}; folders are named to 3 decimals, so one "
+                "would overwrite the other. Give stds that differ in the first 3 decimals"
+            )
+        owner[name] = std
+        folders[std] = name
+    return folders
 
 
 def reconstruct(run_dir: str, stds, step: int | None = None) -> PostHocEMAReconstruction:

@@ -1,4 +1,5 @@
-"""EMA trackers used during training: power-function EMA (paper Section 3.1) and a traditional fixed-β EMA.
+"""EMA trackers used during training: power-function EMA (paper Section 3.1), a traditional fixed-β EMA, and a
+traditional EMA with power-function profiles tracked beside it (`TraditionalEMAWithPostHoc`).
 
 The trainer calls, in this order::
 
@@ -20,7 +21,7 @@ import os
 
 import torch
 
-from .power import MAX_STD, power_function_beta, std_to_exp
+from .power import power_function_beta, std_to_exp
 from .snapshots import (
     SNAPSHOT_FORMAT,
     SNAPSHOT_NAME_RE,
@@ -309,117 +310,10 @@ class PowerFunctionEMA(_EMATracker):
         self._checked_dirs.add(directory)
 
 
-class TraditionalEMA(_EMATracker):
-    """A single EMA with a fixed decay β, optionally warmed up: the classic alternative to power-function EMA.
-
-    During the first `warmup_steps` updates β ramps linearly from 0 (a plain copy) to `beta`:
-    β_n = beta · min(1, (n − 1) / warmup_steps) at update n. Its half-life is fixed in steps, so unlike the
-    power-function EMA it cannot be changed after training and writes no post-hoc snapshots.
-
-    Args:
-        model (`torch.nn.Module`): the model being trained, unwrapped.
-        beta (`float`, defaults to 0.9993): the decay per optimizer step, in [0, 1).
-        warmup_steps (`int`, defaults to 0): length of the linear β warm-up (0 = constant β from the first update).
-    """
-
-    def __init__(self, model: torch.nn.Module, beta: float = 0.9993, warmup_steps: int = 0):
-        super().__init__(model)
-        beta = float(beta)
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"ema.beta must lie in [0, 1), got {beta}")
-        self.beta = beta
-        self.warmup_steps = _non_negative_int("ema.warmup_steps", warmup_steps)
-        self.snapshot_every_steps = 0
-        self.ema = _averaged_copy(self.model)
-
-    def _copies(self):
-        return [self.ema]
-
-    def current_beta(self, update_index: int) -> float:
-        """β used by the `update_index`-th update (1-based)."""
-        if self.warmup_steps == 0:
-            return self.beta
-        return self.beta * min(1.0, (update_index - 1) / self.warmup_steps)
-
-    @torch.no_grad()
-    def update(self, cur_nimg: int | None = None, batch_size: int | None = None, *, step: int | None = None) -> None:
-        """Fold the model's current parameters into the average; call once after each optimizer step.
-
-        The arguments are accepted for interface parity with `PowerFunctionEMA` and not needed: β depends only on the
-        number of updates so far.
-        """
-        self.num_updates += 1
-        self._lerp(self.ema, self._follow_device(), self.current_beta(self.num_updates))
-
-    def averaged_models(self) -> list[tuple[str, torch.nn.Module]]:
-        """`[("ema", module)]` with buffers refreshed from the model."""
-        self._copy_buffers()
-        return [("ema", self.ema)]
-
-    def state_dict(self) -> dict:
-        return {
-            "type": "traditional",
-            "beta": self.beta,
-            "warmup_steps": self.warmup_steps,
-            "num_updates": int(self.num_updates),
-            "emas": [dict(self.ema.state_dict())],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("type") != "traditional":
-            raise ValueError(f"EMA checkpoint holds a {state.get('type')!r} EMA, this run tracks a traditional EMA")
-        self._load_copies(state["emas"])
-        self.num_updates = int(state["num_updates"])
-
-    def save_snapshots(self, output_dir: str, step: int, nimg: int, dtype=None) -> list[str]:
-        raise ValueError(
-            "post-hoc EMA snapshots need the power-function EMA: set `ema: {type: power, ...}` in the config "
-            "(the traditional EMA has a fixed length and cannot be reconstructed afterwards)"
-        )
-
-
 def _non_negative_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return value
 
 
-_KEYS = {
-    "power": ("type", "stds", "count_by", "snapshot_every_steps", "snapshot_dtype"),
-    "traditional": ("type", "beta", "warmup_steps", "snapshot_every_steps"),
-}
-
-
-def build_ema(model: torch.nn.Module, ema_config: dict | None = None):
-    """Build the EMA tracker described by the `ema:` mapping of a training config.
-
-    Examples::
-
-        {"type": "power", "stds": [0.05, 0.10], "snapshot_every_steps": 0, "snapshot_dtype": "float32",
-         "count_by": "images"}
-        {"type": "traditional", "beta": 0.9993, "warmup_steps": 0}
-
-    Args:
-        model (`torch.nn.Module`): the unwrapped model being trained.
-        ema_config (`dict`, *optional*): the mapping; `type` defaults to `"power"`, other keys to the tracker's
-            defaults. Unknown keys raise `ValueError`.
-
-    Returns:
-        `PowerFunctionEMA` or `TraditionalEMA`.
-    """
-    cfg = dict(ema_config or {})
-    kind = cfg.get("type", "power")
-    if kind not in _KEYS:
-        raise ValueError(f"unknown ema.type {kind!r}; choose one of {sorted(_KEYS)}")
-    for key in cfg:
-        if key not in _KEYS[kind]:
-            raise ValueError(f"unknown key ema.{key} for ema.type {kind!r}; allowed keys: {', '.join(_KEYS[kind])}")
-    cfg.pop("type", None)
-    if kind == "power":
-        if "stds" in cfg and not isinstance(cfg["stds"], (list, tuple, int, float)):
-            raise ValueError(f"ema.stds must be a list of floats in (0, {MAX_STD:.4f}), got {cfg['stds']!r}")
-        return PowerFunctionEMA(model, **cfg)
-    snapshot_every = _non_negative_int("ema.snapshot_every_steps", cfg.pop("snapshot_every_steps", 0))
-    if snapshot_every:
-        raise ValueError("ema.snapshot_every_steps needs ema.type 'power': a traditional EMA cannot be reconstructed")
-    return TraditionalEMA(model, **cfg)
+__all__ = ["COUNT_BY", "PowerFunctionEMA", "unwrap_model"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..ema import reconstruct
 from ..ema.snapshots import model_class_path, model_config_of
+from ..run_lock import writes_into
 from ..runs import read_run_config, sampling_settings
 from .checks import check_output_dir
 from .push import push_to_hub as push
@@ -30,6 +31,7 @@ def _check_dirs(run_dir, output_dir, overwrite: bool) -> tuple[Path, Path]:
     return run_dir, output_dir
 
 
+@writes_into("output_dir", "run_dir")
 def export_pipelines(
     run_dir: str | os.PathLike,
     stds,
@@ -82,6 +84,7 @@ def export_pipelines(
     return write_export(source, output_dir, options)
 
 
+@writes_into("output_dir", "run_dir")
 def export_model(
     run_dir: str | os.PathLike,
     unet,

@@ -15,6 +15,18 @@ embedding modulation    (1 + emb)                   (1 + emb)                   
 output                  group norm, SiLU, conv      group norm, SiLU, conv      conv with gain ← 0
 attention q, k, v       RMS-normalized              RMS-normalized              pixel norm (cosine attn.)
 ======================  ==========================  ==========================  ===========================
+
+Config G comes in two variants, chosen by three model options whose defaults are NVIDIA's G (NVlabs/edm2):
+
+======================  =======================================  =======================================
+option                  NVIDIA's G (default)                     edm2-multi-gpu's UNetG
+======================  =======================================  =======================================
+``pixel_norm``          ``"edm2"``: x / (1e-4 + ‖x‖/√n)           ``"rms"``: x / √(mean(x²) + 1e-8)
+                        (encoder pixel norm and q, k, v)          (same places)
+``mid_flavor``          ``"dec"``: the two middle blocks are      ``"enc"``: they are encoder blocks,
+                        decoder blocks (no pixel norm)            whose input is pixel-normalized
+``emb_gain_init``       0: (1 + 0·emb) at initialization          1: (1 + emb) at initialization
+======================  =======================================  =======================================
 """
 
 from __future__ import annotations
@@ -45,8 +57,17 @@ def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
 
 
 def rms_normalize(x: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
-    """x / sqrt(mean(x²) + ε): the q/k/v normalization of Config C and E attention."""
+    """x / sqrt(mean(x²) + ε): the q/k/v normalization of Config C and E attention (and of edm2-multi-gpu's G)."""
     return x * torch.rsqrt(x.square().mean(dim=dim, keepdim=True) + eps)
+
+
+PIXEL_NORMS = ("edm2", "rms")
+
+
+def pixel_norm(x: torch.Tensor, dim: int, kind: str = "edm2") -> torch.Tensor:
+    """Config G's pixel norm over ``dim``: ``"edm2"`` is :func:`normalize` (ε added to the RMS), ``"rms"`` is
+    :func:`rms_normalize` (ε added to the mean square). Both give unit RMS; they differ only near zero."""
+    return normalize(x, dim=dim) if kind == "edm2" else rms_normalize(x, dim=dim)
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
@@ -200,9 +221,14 @@ class UNetBlock(nn.Module):
         res_balance: float = 0.3,
         attn_balance: float = 0.3,
         clip_act: float | None = 256,
+        pixel_norm: str = "edm2",
+        emb_gain_init: float = 0.0,
     ):
         super().__init__()
+        if pixel_norm not in PIXEL_NORMS:
+            raise ValueError(f"unknown pixel_norm {pixel_norm!r}; expected one of {', '.join(PIXEL_NORMS)}")
         self.architecture = architecture
+        self.pixel_norm = pixel_norm
         self.flavor = flavor
         self.resample = resample
         self.out_channels = out_channels
@@ -221,7 +247,7 @@ class UNetBlock(nn.Module):
         is_g = architecture == "G"
         # Config G's encoder projects the skip first, so its first conv sees ``out_channels``.
         res0_in = out_channels if (is_g and flavor == "enc") else in_channels
-        self.emb_gain = nn.Parameter(torch.zeros([])) if is_g else None
+        self.emb_gain = nn.Parameter(torch.full([], float(emb_gain_init))) if is_g else None
         self.conv_res0 = WeightLayer(res0_in, out_channels, (3, 3), wn)
         self.emb_linear = WeightLayer(emb_channels, out_channels, (), wn)
         self.conv_res1 = WeightLayer(out_channels, out_channels, (3, 3), wn)
@@ -237,7 +263,7 @@ class UNetBlock(nn.Module):
         n, c, h, w = x.shape
         qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
         if self.architecture == "G":
-            qkv = normalize(qkv, dim=2)  # cosine attention (pixel norm per head)
+            qkv = pixel_norm(qkv, 2, self.pixel_norm)  # cosine attention (pixel norm per head)
         else:
             qkv = rms_normalize(qkv, dim=2)
         q, k, v = qkv.transpose(2, 4).unbind(3)  # each (n, heads, h·w, channels per head)
@@ -274,7 +300,7 @@ class UNetBlock(nn.Module):
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
-            x = normalize(x, dim=1)  # pixel norm
+            x = pixel_norm(x, 1, self.pixel_norm)
         y = self.conv_res0(mp_silu(x))
         c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mp_silu(y * c.unsqueeze(2).unsqueeze(3).to(y.dtype))

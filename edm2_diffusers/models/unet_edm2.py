@@ -1,4 +1,10 @@
-"""EDM2UNet2DModel: the EDM2 U-Net (paper Figure 21) with Config C, E or G blocks (Table 1)."""
+"""EDM2UNet2DModel: the EDM2 U-Net (paper Figure 21) with Config C, E or G blocks (Table 1).
+
+Bundling rule: exports carry this file as diffusers custom code, flattened by ``edm2_diffusers.hub.remote_code``
+together with the package modules it imports. It may therefore import only torch, numpy, diffusers and the ground
+floor (``edm``, ``latents``, ``models``, ``schedulers``, ``pipelines``), never ``ema``, ``runs``, ``hub``, ``training``
+or ``evaluation`` (checked by the import-linter layers and ``tests/test_architecture.py``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,17 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .layers import ARCHITECTURES, FourierFeatures, UNetBlock, WeightLayer, group_norm, mp_cat, mp_silu, mp_sum
+from .layers import (
+    ARCHITECTURES,
+    PIXEL_NORMS,
+    FourierFeatures,
+    UNetBlock,
+    WeightLayer,
+    group_norm,
+    mp_cat,
+    mp_silu,
+    mp_sum,
+)
 
 
 @dataclass
@@ -52,6 +68,11 @@ class EDM2UNet2DModel(ModelMixin, ConfigMixin):
         clip_act (`float`, *optional*): clip block outputs to ±clip_act; ``None`` disables.
         dropout (`float`): dropout probability before each block's second convolution.
         logvar_channels (`int`): Fourier features of the u(σ) head.
+        pixel_norm (`str`): Config G's pixel norm (encoder inputs and attention q, k, v): ``"edm2"`` (NVIDIA's,
+            x / (1e-4 + RMS)) or ``"rms"`` (edm2-multi-gpu's UNetG, x / √(mean square + 1e-8)).
+        mid_flavor (`str`): Config G's two middle blocks: ``"dec"`` (NVIDIA's) or ``"enc"`` (edm2-multi-gpu's
+            UNetG, which pixel-normalizes their input).
+        emb_gain_init (`float`): initial value of Config G's embedding gains: 0 (NVIDIA's) or 1 (edm2-multi-gpu's).
     """
 
     _supports_gradient_checkpointing = False
@@ -78,10 +99,23 @@ class EDM2UNet2DModel(ModelMixin, ConfigMixin):
         clip_act: float | None = 256,
         dropout: float = 0.0,
         logvar_channels: int = 128,
+        pixel_norm: str = "edm2",
+        mid_flavor: str = "dec",
+        emb_gain_init: float = 0.0,
     ):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}")
+        if pixel_norm not in PIXEL_NORMS:
+            raise ValueError(f"unknown pixel_norm {pixel_norm!r}; expected one of {', '.join(PIXEL_NORMS)}")
+        if mid_flavor not in ("dec", "enc"):
+            raise ValueError(f"unknown mid_flavor {mid_flavor!r}; expected 'dec' or 'enc'")
+        g_only = {"pixel_norm": (pixel_norm, "edm2"), "mid_flavor": (mid_flavor, "dec")}
+        g_only["emb_gain_init"] = (emb_gain_init, 0.0)
+        if architecture != "G":
+            for name, (value, default) in g_only.items():
+                if value != default:
+                    raise ValueError(f"{name}={value!r} applies to Config G only (architecture is {architecture!r})")
         levels = len(channel_mult)
         if levels < 1:
             raise ValueError("channel_mult must have at least one entry")
@@ -106,6 +140,8 @@ class EDM2UNet2DModel(ModelMixin, ConfigMixin):
             attn_balance=attn_balance,
             clip_act=clip_act,
         )
+        if is_g:
+            block_kwargs.update(pixel_norm=pixel_norm, emb_gain_init=emb_gain_init)
 
         # Embedding: Fourier features of c_noise → linear (→ SiLU → linear for C/E), plus the class embedding.
         self.emb_fourier = FourierFeatures(cnoise, amplitude=math.sqrt(2) if is_g else 1.0)
@@ -139,9 +175,9 @@ class EDM2UNet2DModel(ModelMixin, ConfigMixin):
             res = sample_size >> level
             if level == levels - 1:
                 self.dec[f"{res}x{res}_in0"] = UNetBlock(
-                    cout, cout, cemb, flavor="dec", attention=True, **block_kwargs
+                    cout, cout, cemb, flavor=mid_flavor, attention=True, **block_kwargs
                 )
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, cemb, flavor="dec", **block_kwargs)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, cemb, flavor=mid_flavor, **block_kwargs)
             else:
                 self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, cemb, flavor="dec", resample="up", **block_kwargs)
             for idx in range(num_blocks + 1):

@@ -2,11 +2,18 @@
 
 EDM2 (Karras et al. 2024) samples with exactly this solver: the ρ-schedule of Eq. 5 (EDM), deterministic by default,
 N steps costing 2N−1 network evaluations because the last step, to σ = 0, is a plain Euler step.
+
+Bundling rule: exports carry this file as diffusers custom code, flattened by ``edm2_diffusers.hub.remote_code``
+together with the package modules it imports. It may therefore import only torch, numpy, diffusers and the ground
+floor (``edm``, ``latents``, ``models``, ``schedulers``, ``pipelines``), never ``ema``, ``runs``, ``hub``, ``training``
+or ``evaluation`` (checked by the import-linter layers and ``tests/test_architecture.py``).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -64,13 +71,20 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         rho (`float`, defaults to 7.0): ρ of the schedule σ_i = (σ_max^(1/ρ) + i/(N−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ.
         s_churn (`float`, defaults to 0.0): total stochasticity S_churn; 0 gives the deterministic sampler.
         s_tmin (`float`, defaults to 0.0), s_tmax (`float`, defaults to inf): noise range where churn is applied.
+            ``scheduler_config.json`` is strict JSON, so an infinite ``s_tmax`` is stored as the largest float
+            (1.7976931348623157e+308, which any σ stays below, so older readers sample the same); that value and
+            ``None`` read back as ∞.
         s_noise (`float`, defaults to 1.0): std multiplier S_noise of the churn noise.
         prediction_type (`str`, defaults to ``"epsilon"``): what ``model_output`` is. ``"epsilon"`` is the raw EDM
             network output F (diffusers' EDM schedulers use this name for it, so their configs load into each other),
             ``"v_prediction"`` is F with c_out negated (as in diffusers' EDM schedulers), ``"sample"`` is D(x; σ)
             itself.
-        num_train_timesteps (`int`, defaults to 1000): diffusers convention; EDM's σ is continuous and this is unused
-            except by ``len(scheduler)``.
+        num_train_timesteps (`int`, defaults to 1000): diffusers convention; EDM's σ is continuous and this is used
+            only by ``len(scheduler)`` and as the step count of the default schedule set at construction.
+        clip_sample (`bool`, defaults to False): clip the denoised estimate D(x; σ) to
+            [−``clip_sample_range``, ``clip_sample_range``] at every network evaluation (predictor and corrector),
+            before the ODE slope d = (x − D)/σ is formed, as edm2-multi-gpu's sampler does. Off: EDM's Algorithm 2.
+        clip_sample_range (`float`, defaults to 1.0): the bound of ``clip_sample`` (pixel models live in [−1, 1]).
     """
 
     _compatibles = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
@@ -85,10 +99,12 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         rho: float = 7.0,
         s_churn: float = 0.0,
         s_tmin: float = 0.0,
-        s_tmax: float = float("inf"),
+        s_tmax: float | None = float("inf"),
         s_noise: float = 1.0,
         prediction_type: str = "epsilon",
         num_train_timesteps: int = 1000,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
     ):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
@@ -101,13 +117,19 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
                 f"prediction_type must be 'epsilon' (raw EDM network output), 'v_prediction' or 'sample', "
                 f"got {prediction_type!r}"
             )
+        if s_tmax is None or s_tmax >= sys.float_info.max:  # strict-JSON spellings of S_tmax = ∞ (`to_json_string`)
+            s_tmax = math.inf
+            self.register_to_config(s_tmax=s_tmax)
+        if math.isnan(s_tmax) or math.isnan(s_tmin) or s_tmax == -math.inf:
+            raise ValueError(f"s_tmin and s_tmax must be numbers (s_tmax may be inf), got {s_tmin}, {s_tmax}")
+        if not (math.isfinite(clip_sample_range) and clip_sample_range > 0):
+            raise ValueError(f"clip_sample_range must be positive and finite, got {clip_sample_range}")
+        if int(num_train_timesteps) < 1:
+            raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps}")
+        # A default schedule from construction on, as most diffusers schedulers have: num_train_timesteps steps of
+        # the ρ-schedule. `num_inference_steps` stays None until a pipeline calls `set_timesteps`.
+        self.set_timesteps(int(num_train_timesteps))
         self.num_inference_steps = None
-        self.step_sigmas = None  # σ_0 .. σ_{N-1}, 0 (float64, CPU)
-        self.gammas = None  # γ_0 .. γ_{N-1}
-        self.sigmas = None  # noise level of each model evaluation (aligned with `timesteps`), then 0
-        self.timesteps = None
-        self._reset_state()
-        self._begin_index = None
 
     # -- schedule --
 
@@ -192,20 +214,32 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"begin_index must point at the first evaluation of a step (even), got {begin_index}")
         self._begin_index = begin_index
 
-    def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None):
-        """Index of ``timestep`` in ``schedule_timesteps`` (default ``self.timesteps``); its first occurrence."""
+    def index_for_timestep(
+        self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None
+    ) -> int:
+        """Index of ``timestep`` in ``schedule_timesteps`` (default ``self.timesteps``), as diffusers' Heun scheduler.
+
+        Without churn σ_i is evaluated twice, by the corrector of step i−1 and then by the predictor of step i; of
+        repeated entries the second (the predictor) is taken, so a pipeline that starts mid-schedule (e.g.
+        image-to-image) without :meth:`set_begin_index` begins a step instead of landing on a corrector.
+
+        Args:
+            timestep (`float` or `torch.Tensor`): an entry of the schedule (c_noise).
+            schedule_timesteps (`torch.Tensor`, *optional*): the schedule to search; ``self.timesteps`` by default.
+        """
         if schedule_timesteps is None:
             schedule_timesteps = self.timesteps
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.to(schedule_timesteps.device)
         indices = (schedule_timesteps == timestep).nonzero()
         if len(indices) == 0:
-            raise ValueError(f"timestep {float(timestep)} is not one of scheduler.timesteps")
-        return int(indices[0].item())
+            raise ValueError(
+                f"timestep {float(timestep)} is not one of scheduler.timesteps; call set_timesteps(...) with the "
+                f"schedule you sample with, and pass its entries"
+            )
+        return int(indices[1 if len(indices) > 1 else 0].item())
 
     def _init_step_index(self, timestep):
-        if self.timesteps is None:
-            raise ValueError("call set_timesteps(num_inference_steps) before sampling")
         self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
 
     # -- preconditioning (EDM Table 1, via edm2_diffusers.edm) --
@@ -289,6 +323,10 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
         x = sample.to(torch.promote_types(sample.dtype, torch.float32))  # at least float32 for the update
         sigma = float(self._eval_sigmas[k])
         denoised = self.precondition_outputs(x, model_output, sigma)
+        if self.config.clip_sample:
+            # edm2-multi-gpu clips D itself, at every evaluation, before the slope is formed.
+            r = self.config.clip_sample_range
+            denoised = denoised.clamp(-r, r)
         d = (x - denoised) / sigma  # dx/dσ of the probability-flow ODE (Algorithm 2, lines 7 and 10)
 
         if k % 2 == 0:
@@ -336,6 +374,16 @@ class EDMHeunScheduler(SchedulerMixin, ConfigMixin):
                     sigma[j] = self._eval_sigmas[int(hits[0])]
         sigma = sigma.to(original_samples.dtype).reshape((-1,) + (1,) * (original_samples.ndim - 1))
         return original_samples + noise * sigma
+
+    def to_json_string(self) -> str:
+        """The config as strict JSON: an infinite ``s_tmax`` is written as the largest float (no ``Infinity``).
+
+        Configs written before, with ``"s_tmax": Infinity``, still load (diffusers reads them with Python's json).
+        """
+        config = json.loads(super().to_json_string())
+        if config.get("s_tmax") == math.inf:
+            config["s_tmax"] = sys.float_info.max
+        return json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
     def __len__(self):
         return self.config.num_train_timesteps

@@ -1,21 +1,51 @@
 """Checkpoint folders of a training run: ``output_dir/checkpoint-<step>/``, written atomically.
 
 A checkpoint is an ``accelerator.save_state`` folder (model weights as safetensors, optimizer, RNG states of every
-process, the registered training and EMA state) plus ``unet_config.json`` (the model's architecture, compared on
-resume) and ``training_state.json`` (the step and data position, for people). It is written under a temporary name
-and renamed when complete, so an interrupted save never looks like a checkpoint and ``latest`` skips it.
+process) plus files this module writes itself: ``unet_config.json`` (the model's architecture, compared on resume),
+``training_state.json`` (the step and data position) and the EMA as ``ema.safetensors`` (its averaged weights) and
+``ema_state.json`` (its counters). Nothing is registered with ``accelerator.register_for_checkpointing``, whose
+``custom_checkpoint_*.pkl`` files Accelerate unpickles with ``weights_only=False``. It is written under a temporary
+name and renamed when complete, so an interrupted save never looks like a checkpoint.
+
+Resuming never runs code from the checkpoint: before ``accelerator.load_state`` every file is checked
+(:func:`verify_checkpoint`): safetensors must parse, JSON must parse, torch files must load with
+``torch.load(weights_only=True)`` and only the numpy types RNG states need allowed, and any other file is refused.
 """
 
 from __future__ import annotations
 
+import _codecs
 import json
+import logging
 import os
 import re
 import shutil
 
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..files import fsync_dir
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 UNET_CONFIG_NAME = "unet_config.json"
 STATE_NAME = "training_state.json"
+EMA_WEIGHTS_NAME = "ema.safetensors"
+EMA_STATE_NAME = "ema_state.json"
+# What every complete checkpoint holds (Accelerate's model, optimizer and first RNG state, and ours).
+REQUIRED_FILES = (UNET_CONFIG_NAME, STATE_NAME, "model.safetensors", "optimizer.bin", "random_states_0.pkl")
+# Accelerate's torch files, loaded with weights_only=True; anything not named here or below is refused.
+_TORCH_FILE_RE = re.compile(
+    r"^(optimizer|scheduler|sampler|dl_state_dict|pytorch_model|model)(_\d+)?\.bin$|^random_states_\d+\.pkl$|^scaler\.pt$"
+)
 # Keys of a diffusers config that are bookkeeping, not architecture.
 _NOT_ARCHITECTURE = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
 
@@ -33,31 +63,176 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def missing_files(checkpoint_dir: str | os.PathLike) -> list[str]:
+    """What a checkpoint folder lacks to be complete (an empty list: complete)."""
+    missing = [n for n in REQUIRED_FILES if not os.path.isfile(os.path.join(checkpoint_dir, n))]
+    has_weights = os.path.isfile(os.path.join(checkpoint_dir, EMA_WEIGHTS_NAME))
+    has_state = os.path.isfile(os.path.join(checkpoint_dir, EMA_STATE_NAME))
+    if has_weights != has_state:  # the EMA is optional (ema: null), but never half there
+        missing.append(EMA_STATE_NAME if has_weights else EMA_WEIGHTS_NAME)
+    return missing
+
+
 def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> str | None:
     """The checkpoint folder ``--resume_from_checkpoint`` names, or ``None`` to start from scratch.
 
-    ``latest`` picks the newest complete checkpoint in ``output_dir`` (none yet: start from scratch, as diffusers'
-    examples do, so the same command can start and restart a job). A path must be a checkpoint folder.
+    ``latest`` picks the newest complete checkpoint in ``output_dir`` (:func:`missing_files`), logging the incomplete
+    ones it skips (none at all: start from scratch, as diffusers' examples do, so the same command can start and
+    restart a job). A path must be a complete checkpoint folder. The folder found is checked with
+    :func:`verify_checkpoint` before it is returned.
 
     Raises:
-        FileNotFoundError: the path does not exist or is not a checkpoint of this package.
+        FileNotFoundError: the path does not exist or is not a complete checkpoint (the message names what is missing).
+        UnsafeCheckpointError: a file of the checkpoint is not what it should be.
     """
     if not resume:
         return None
     if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        for _, path in reversed(list_checkpoints(output_dir)):
+            missing = missing_files(path)
+            if not missing:
+                verify_checkpoint(path)
+                return path
+            logger.warning("skipping the incomplete checkpoint %s (no %s in it)", path, ", ".join(missing))
+        return None
     path = resume
     if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, resume)):
         path = os.path.join(output_dir, resume)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--resume_from_checkpoint {resume!r}: no such checkpoint folder")
-    for name in (UNET_CONFIG_NAME, STATE_NAME):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint {resume!r} is not a complete training checkpoint (no {name} in it)"
-            )
+    missing = missing_files(path)
+    if missing:
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume!r} is not a complete training checkpoint "
+            f"(no {', '.join(missing)} in it)"
+        )
+    verify_checkpoint(path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Safe loading.
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file is not plain data (or not a file a checkpoint holds); nothing of it was loaded."""
+
+
+def _rng_safe_globals() -> list:
+    """The exact non-torch types Accelerate's RNG states pickle: numpy's RNG state array and ``codecs.encode``."""
+    found = [_reconstruct, np.ndarray, np.dtype, _codecs.encode]
+    if hasattr(np, "dtypes"):
+        found.append(np.dtypes.UInt32DType)
+    return found
+
+
+def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> None:
+    """Check every file of a checkpoint before anything of it is loaded.
+
+    safetensors files must parse as safetensors, JSON files as JSON, Accelerate's torch files (``optimizer.bin``,
+    ``random_states_*.pkl``, ``scaler.pt``, ...) must load with ``torch.load(weights_only=True)`` (allowing only
+    the numpy types an RNG state needs); any other file or folder is refused, ``custom_checkpoint_*.pkl`` included.
+
+    Raises:
+        UnsafeCheckpointError: names the first file that fails and why.
+    """
+    for name in sorted(os.listdir(checkpoint_dir)):
+        path = os.path.join(checkpoint_dir, name)
+        if not os.path.isfile(path) or os.path.islink(path):
+            raise UnsafeCheckpointError(f"checkpoint {checkpoint_dir}: {name} is not a plain file; refusing to resume")
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(path, "pt") as f:
+                    f.metadata()
+                    for key in f.keys():
+                        f.get_slice(key)
+            elif name.endswith(".json"):
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            elif _TORCH_FILE_RE.match(name):
+                # numpy's types are allowed for the RNG states alone; every other torch file holds tensors only
+                allowed = _rng_safe_globals() if name.startswith("random_states_") else []
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                hint = (
+                    " (Accelerate unpickles it with weights_only=False: a checkpoint of an older version of this "
+                    "package, or a planted file)"
+                    if name.startswith("custom_checkpoint_")
+                    else ""
+                )
+                raise UnsafeCheckpointError(
+                    f"checkpoint {checkpoint_dir} holds {name}, which is not a file a checkpoint holds{hint}; "
+                    "refusing to resume"
+                )
+        except UnsafeCheckpointError:
+            raise
+        except Exception as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            globals_named = [line for line in lines if "GLOBAL" in line]  # torch's weights_only refusal
+            if globals_named:
+                raise UnsafeCheckpointError(
+                    f"checkpoint file {path} holds objects that are not tensors or plain data "
+                    f"({globals_named[0].rstrip('.')}); loading it would run code, refusing to resume"
+                ) from None
+            first = lines[0] if lines else type(err).__name__
+            raise UnsafeCheckpointError(
+                f"checkpoint file {path} is not plain data or is damaged ({type(err).__name__}: {first}); "
+                "refusing to resume"
+            ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The EMA state: tensors in safetensors, everything else in JSON.
+
+
+def _split(obj, prefix: str, tensors: dict):
+    """``obj`` with every tensor replaced by ``{"__tensor__": key}`` and stored in ``tensors[key]``."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"EMA state {prefix or '/'} has non-string keys")
+        return {k: _split(v, f"{prefix}/{k}" if prefix else k, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split(v, f"{prefix}/{i}" if prefix else str(i), tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"EMA state {prefix} holds a {type(obj).__name__}, neither a tensor nor plain data")
+
+
+def _join(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _join(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
+
+
+def save_ema_state(ema, folder: str) -> None:
+    """Write ``ema.state_dict()`` as ``ema.safetensors`` (its tensors) and ``ema_state.json`` (the rest)."""
+    tensors: dict = {}
+    plain = _split(ema.state_dict(), "", tensors)
+    save_file(tensors, os.path.join(folder, EMA_WEIGHTS_NAME))
+    _write_json(os.path.join(folder, EMA_STATE_NAME), plain)
+
+
+def load_ema_state(ema, folder: str) -> None:
+    """Restore an EMA tracker saved by :func:`save_ema_state` (the files were checked by :func:`verify_checkpoint`)."""
+    path = os.path.join(folder, EMA_STATE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {folder} holds no EMA state ({EMA_STATE_NAME}); this run tracks an EMA")
+    with open(path, encoding="utf-8") as f:
+        plain = json.load(f)
+    tensors = load_file(os.path.join(folder, EMA_WEIGHTS_NAME))
+    try:
+        state = _join(plain, tensors)
+    except KeyError as err:
+        raise ValueError(f"{path} names tensor {err} that {EMA_WEIGHTS_NAME} does not hold") from None
+    ema.load_state_dict(state)
 
 
 def architecture(config: dict) -> dict:
@@ -87,8 +262,11 @@ def read_state(checkpoint_dir: str) -> dict:
         return json.load(f)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, model_config: dict, state: dict) -> str:
+def save_checkpoint(accelerator, output_dir: str, step: int, model_config: dict, state: dict, ema=None) -> str:
     """``accelerator.save_state`` into ``output_dir/checkpoint-<step>`` via a temporary folder; call on every process.
+
+    ``state`` (the training state, plain data) and ``ema`` (the main process's EMA tracker, if any) are written by
+    this module as JSON and safetensors, never pickled.
 
     Returns:
         `str`: the checkpoint folder.
@@ -102,6 +280,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model_config: dict,
     if accelerator.is_main_process:
         _write_json(os.path.join(tmp, UNET_CONFIG_NAME), dict(model_config))
         _write_json(os.path.join(tmp, STATE_NAME), state)
+        if ema is not None:
+            save_ema_state(ema, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         old = None
@@ -111,7 +291,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model_config: dict,
                 shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(output_dir)
+        fsync_dir(output_dir)
         if old is not None:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -137,24 +317,16 @@ def _write_json(path: str, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 __all__ = [
+    "UnsafeCheckpointError",
     "check_architecture",
     "list_checkpoints",
+    "load_ema_state",
+    "missing_files",
     "prune_checkpoints",
     "read_state",
     "resolve_resume",
     "save_checkpoint",
+    "save_ema_state",
+    "verify_checkpoint",
 ]

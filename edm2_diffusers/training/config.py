@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ..ema import check_ema_config
 from ..hub import resolve_repo_id
 from ..models import EDM2UNet2DModel
 
@@ -79,6 +80,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "sigma_min": (0.002, float, "smallest noise level of the sampler"),
         "sigma_max": (80.0, float, "largest noise level of the sampler"),
         "rho": (7.0, float, "rho of the Karras et al. noise-level schedule"),
+        "clip_sample": (False, bool, "clip the denoised image to [-range, range] at every sampler step"),
+        "clip_sample_range": (1.0, float, "bound of clip_sample (edm2-multi-gpu clips pixels to [-1, 1])"),
         "grid_rows": (8, int, "rows of the sample grid (one class per row for class-conditional models)"),
         "grid_cols": (8, int, "columns of the sample grid"),
         "seed": (0, int, "seed of the grid's noise (the same every time, so progress is visible)"),
@@ -197,7 +200,8 @@ def merge_config(cfg: dict, update: dict, source: str = "config") -> dict:
 def apply_overrides(cfg: dict, overrides: dict[str, Any]) -> dict:
     """Apply command-line overrides ``{"section.key": value}`` on top of ``cfg``; flags win over the YAML.
 
-    ``ema.snapshot_every_steps`` is accepted although ``ema`` is otherwise passed through verbatim.
+    ``ema.snapshot_every_steps`` is accepted although ``ema`` is otherwise passed through verbatim (for a traditional
+    EMA with post-hoc profiles it sets ``ema.posthoc.snapshot_every_steps``).
     """
     cfg = copy.deepcopy(cfg)
     for dotted, value in overrides.items():
@@ -205,7 +209,10 @@ def apply_overrides(cfg: dict, overrides: dict[str, Any]) -> dict:
         if section == "ema":
             if cfg.get("ema") is None:
                 raise ValueError(f"--{key} was given but the config disables the EMA (ema: null)")
-            cfg["ema"][key] = value
+            if isinstance(cfg["ema"].get("posthoc"), dict):  # a traditional EMA's post-hoc profiles
+                cfg["ema"]["posthoc"][key] = value
+            else:
+                cfg["ema"][key] = value
             continue
         if section not in SCHEMA or key not in SCHEMA[section]:
             raise ValueError(f"unknown config key {dotted!r}")
@@ -296,6 +303,10 @@ def validate_config(cfg: dict) -> dict:
         raise ValueError("sampling.num_inference_steps, grid_rows and grid_cols must be positive")
     if not 0 < samp["sigma_min"] < samp["sigma_max"]:
         raise ValueError("sampling needs 0 < sigma_min < sigma_max")
+    if not samp["clip_sample_range"] > 0:
+        raise ValueError(f"sampling.clip_sample_range must be positive, got {samp['clip_sample_range']}")
+
+    check_ema_config(cfg.get("ema"))  # unknown keys and malformed values fail before anything runs
     if train["push_to_hub"]:
         if not train["export_pipeline"]:
             raise ValueError("--push_to_hub pushes the final export: it needs training.export_pipeline true")

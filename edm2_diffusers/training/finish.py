@@ -5,8 +5,9 @@ What is exported:
 * power-function EMA: the tracked profiles (``ema.stds``; the first at the root) reconstructed from the snapshots
   of the last step with :func:`edm2_diffusers.hub.export_run`. The loop writes a snapshot at the last step whatever
   ``ema.snapshot_every_steps`` says, so a run can always be exported (and reconstructed) where it ended;
-* traditional EMA: its single average, as it is, with ``export_run(..., unet=...)`` (it has no snapshots, so other
-  EMA lengths cannot be made from it);
+* traditional EMA: its single average, as it is, with ``export_run(..., unet=...)`` (it has no snapshots,
+  so other EMA lengths cannot be made from it, unless ``ema.posthoc`` tracked power-function profiles beside it:
+  their snapshots in ``output_dir/phema`` export with ``examples/export_pipeline.py --run_dir RUN --stds ...``);
 * no EMA (``ema: null``): nothing; a warning says so when the run starts.
 
 Latent runs carry their standardization constants (``latent_info.json``) into the pipeline, and the VAE of
@@ -97,7 +98,7 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
             what = dict(stds=list(ema.stds))
         else:
             ((_, net),) = ema.averaged_models()
-            description = {"type": "traditional", "beta": ema.beta, "warmup_steps": ema.warmup_steps}
+            description = ema.description()
             what = dict(unet=net, nimg=images_seen, ema=description)
         export_run(
             output_dir,

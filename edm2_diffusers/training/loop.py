@@ -37,6 +37,7 @@ from ..ema import build_ema
 from ..grids import render_sample_grid, save_png_atomic
 from ..models import EDM2UNet2DModel
 from ..pipelines import EDM2Pipeline
+from ..run_lock import RunLock
 from ..runs import SAMPLES_SUBDIR, scheduler_from_config, write_run_config, write_run_latent_info
 from . import checkpoint as ckpt
 from .config import validate_config
@@ -89,9 +90,11 @@ def train(cfg: dict, dataset=None, hub_token: str | None = None) -> TrainingResu
     previous_threads = torch.get_num_threads()
     if cfg["training"]["cpu_threads"]:
         torch.set_num_threads(cfg["training"]["cpu_threads"])
+    run_lock = RunLock(cfg["training"]["output_dir"])  # one writer per run folder (edm2_diffusers.run_lock)
     try:
-        return _train(cfg, dataset, hub_token)
+        return _train(cfg, dataset, hub_token, run_lock)
     finally:
+        run_lock.release()
         torch.set_num_threads(previous_threads)
 
 
@@ -101,6 +104,7 @@ class _Run:
 
     cfg: dict
     accelerator: object
+    run_lock: RunLock
     unet: EDM2UNet2DModel
     ema: object | None
     resume_dir: str | None
@@ -127,8 +131,8 @@ class _Run:
         return self.latent_info["standardizer"] if self.latent_info else None
 
 
-def _train(cfg: dict, dataset, hub_token: str | None) -> TrainingResult:
-    run = _prepare(cfg, dataset)
+def _train(cfg: dict, dataset, hub_token: str | None, run_lock: RunLock) -> TrainingResult:
+    run = _prepare(cfg, dataset, run_lock)
     _start(run)
     if run.state.step >= run.max_steps:
         if run.main:
@@ -146,12 +150,13 @@ def _train(cfg: dict, dataset, hub_token: str | None) -> TrainingResult:
     return _finish(run, hub_token)
 
 
-def _prepare(cfg: dict, dataset) -> _Run:
+def _prepare(cfg: dict, dataset, run_lock: RunLock) -> _Run:
     """Check everything that can be checked — config, checkpoint, data, VAE, export folder — writing nothing."""
     data_cfg, train_cfg = cfg["data"], cfg["training"]
     output_dir = train_cfg["output_dir"]
     accelerator = make_accelerator(train_cfg)
     per_device, global_batch = batch_sizes(train_cfg, accelerator.num_processes)
+    run_lock.take(accelerator, create=False)  # an existing run folder: before reading its checkpoints
 
     torch.manual_seed(train_cfg["seed"])
     unet = EDM2UNet2DModel(**cfg["model"])
@@ -186,6 +191,7 @@ def _prepare(cfg: dict, dataset) -> _Run:
     return _Run(
         cfg=cfg,
         accelerator=accelerator,
+        run_lock=run_lock,
         unet=unet,
         ema=ema,
         resume_dir=resume_dir,
@@ -219,12 +225,11 @@ def _start(run: _Run) -> None:
     else:
         run.max_steps = max(1, train_cfg["num_epochs"] * batches_per_epoch // train_cfg["gradient_accumulation_steps"])
 
-    run.state = TrainingState(batches_per_epoch=batches_per_epoch)
-    accelerator.register_for_checkpointing(run.state)
-    if run.ema is not None and run.main:
-        accelerator.register_for_checkpointing(run.ema)
+    run.state = TrainingState(batches_per_epoch=batches_per_epoch)  # saved as JSON, the EMA as safetensors by ckpt
     if not run.main:
         run.ema = None  # EMA, sample grids and snapshots live on the main process
+
+    run.run_lock.take(accelerator)  # a new run folder: created here, locked before anything else is written
 
     if run.main:
         os.makedirs(output_dir, exist_ok=True)
@@ -244,8 +249,11 @@ def _start(run: _Run) -> None:
 
 
 def _load_checkpoint(run: _Run, batches_per_epoch: int) -> None:
-    run.accelerator.load_state(run.resume_dir)
+    run.accelerator.load_state(run.resume_dir)  # every file was checked by ckpt.verify_checkpoint
     state = run.state
+    state.load_state_dict(ckpt.read_state(run.resume_dir))
+    if run.ema is not None:
+        ckpt.load_ema_state(run.ema, run.resume_dir)
     if state.batches_per_epoch != batches_per_epoch:
         logger.warning(
             "the checkpoint was written with %d batches per epoch and process, this run has %d: the data order "
@@ -352,7 +360,7 @@ def _save_checkpoint(run: _Run) -> None:
         "global_batch_size": run.global_batch,
     }
     run.result.last_checkpoint = ckpt.save_checkpoint(
-        accelerator, output_dir, state.step, dict(run.unet.config), summary
+        accelerator, output_dir, state.step, dict(run.unet.config), summary, ema=run.ema
     )
     if run.main:
         for path in ckpt.prune_checkpoints(output_dir, train_cfg["checkpoints_total_limit"]):

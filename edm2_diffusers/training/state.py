@@ -14,7 +14,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class TrainingState:
-    """Counters saved in every checkpoint (registered with ``accelerator.register_for_checkpointing``).
+    """Counters saved in every checkpoint (as ``training_state.json``, see :mod:`.checkpoint`).
 
     Args:
         step (`int`): optimizer steps done.
