@@ -120,6 +120,7 @@ def test_export_is_one_pipeline_with_weight_variants(export_dir):
     assert index["unet"] == ["unet_edm2", "EDM2UNet2DModel"]
     assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
     assert "_ignore_files" not in index
+    assert index["default_num_inference_steps"] == STEPS  # the run's sampler steps, a call's default
 
 
 def test_exported_weights_are_the_posthoc_reconstructions(run_dir, export_dir):
@@ -291,6 +292,12 @@ for variant in spec["variants"]:
             DiffusionPipeline.from_pretrained(spec["export"], variant=variant)
         except ValueError as err:
             report["without_trust"] = str(err)
+if spec["block"]:
+    # Without the package, the remote-code pipeline saves its own standalone code: the folder loads again.
+    resaved = pathlib.Path(spec["tmp"]) / "resaved"
+    pipe.save_pretrained(resaved)
+    report["resaved_files"] = sorted(p.relative_to(resaved).as_posix() for p in resaved.rglob("*") if p.is_file())
+    arrays["resaved"] = sample(DiffusionPipeline.from_pretrained(str(resaved), trust_remote_code=True))
 np.savez(spec["arrays"], **arrays)
 pathlib.Path(spec["report"]).write_text(json.dumps(report))
 """
@@ -386,6 +393,8 @@ def test_every_variant_loads_and_samples_without_the_package(export_dir, referen
     assert report["snippets"]["root"] == ["EDM2Pipeline", 4, "Image"]
     assert report["snippets"]["variant"] == ["EDM2Pipeline", 4, "Image"]
     assert (tmp_path / "blocked" / "edm2_sample.png").is_file()
+    assert set(report["resaved_files"]) == PIPELINE_FILES
+    np.testing.assert_allclose(arrays["resaved"], reference_images["ema0100"], rtol=0, atol=1e-6)
 
 
 def test_every_variant_loads_and_samples_with_the_package(export_dir, reference_images, tmp_path):
@@ -441,6 +450,7 @@ def check_saved(folder: Path, pipe, reference, tmp: Path) -> None:
     report, arrays = run_loader(folder, tmp, block=True, snippets={}, variants=[None])
     assert report["variants"]["default"][1].startswith("diffusers_modules.")
     np.testing.assert_allclose(arrays["default"], reference, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(arrays["resaved"], reference, rtol=0, atol=1e-6)
 
 
 def test_save_pretrained_round_trip_of_a_trained_pipeline(export_dir, reference_images, tmp_path):

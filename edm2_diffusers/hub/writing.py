@@ -192,7 +192,8 @@ def write_export(source: ExportSource, output_dir: str | os.PathLike, options: E
         sample_grid = False
     with staged_folder(output_dir) as staging:
         scheduler = EDMHeunScheduler(**{k: v for k, v in sampling.items() if k != "num_inference_steps"})
-        pipe = EDM2Pipeline(unet=source.variants[0].build(), scheduler=scheduler, **source.pipeline_kwargs)
+        kwargs = {"default_num_inference_steps": sampling["num_inference_steps"], **source.pipeline_kwargs}
+        pipe = EDM2Pipeline(unet=source.variants[0].build(), scheduler=scheduler, **kwargs)
         # diffusers' own save (EDM2Pipeline.save_pretrained would add a card of its own), then the code and variants.
         DiffusionPipeline.save_pretrained(pipe, staging, safe_serialization=True)
         write_custom_code(staging)
