@@ -3,11 +3,13 @@ model cards, push them to the Hub, load them with the package's classes.
 
 Modules by job: ``layout`` (the export's files and variant names), ``run_info`` (what an export reads from a run),
 ``writing`` (writing an export), ``export`` (the public export functions and the export-then-push helper),
-``checks`` (what an export may hold), ``model_card``, ``remote_code`` (the bundled custom code), ``push``,
-``loading`` and ``pipeline_io`` (``EDM2Pipeline.from_pretrained`` / ``save_pretrained`` / ``push_to_hub``).
+``converted`` (NVIDIA's pickles through the same exporter), ``checks`` (what an export may hold), ``model_card``,
+``remote_code`` (the bundled custom code), ``push``, ``loading`` and ``pipeline_io`` (``EDM2Pipeline.from_pretrained``
+/ ``save_pretrained`` / ``push_to_hub``).
 """
 
 from .checks import check_export
+from .converted import export_converted
 from .export import export_model, export_pipelines, export_run
 from .layout import EXPORT_INFO_NAME, variant_name
 from .loading import load_pipeline
@@ -28,6 +30,7 @@ __all__ = [
     "bundle_module",
     "check_export",
     "default_stds",
+    "export_converted",
     "export_model",
     "export_pipelines",
     "export_run",
