@@ -33,8 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edm2_diffusers import EDM2UNet2DModel  # noqa: E402
-from edm2_diffusers.edm import denoise, edm_precondition, loss_weight  # noqa: E402
+from edm2_diffusers import EDM2UNet2DModel
+from edm2_diffusers.edm import denoise, edm_precondition, loss_weight
 
 # ----------------------------------------------------------------------------------------------------------------
 # Measurement helpers.

@@ -15,12 +15,14 @@ and the sampler a run's pipelines use is built from its config here (:func:`sche
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
 import os
 from pathlib import Path
 
+import torch
 import yaml
 
 from .files import write_json_atomic, write_text_atomic
@@ -150,7 +152,9 @@ def read_sweep(run_dir: str | os.PathLike, sweep_dir: str | os.PathLike | None =
 
     Returns:
         `dict`: ``{"std": float, "metric": str | None, "step": int | None, "metrics": {std: {name: value}},
-        "settings": dict, "path": str}``.
+        "sampler": dict | None, "cheapest": dict | None, "settings": dict, "path": str}``; ``sampler`` and
+        ``cheapest`` (scheduler class name, ``num_inference_steps``, ``nfe``; ``cheapest`` also ``std``, ``value``,
+        ``margin``) are ``None`` for sweeps that did not record them.
     """
     path = sweep_best_path(run_dir, sweep_dir)
     if not path.is_file():
@@ -183,9 +187,25 @@ def read_sweep(run_dir: str | os.PathLike, sweep_dir: str | os.PathLike | None =
         "metric": metric if isinstance(metric, str) else None,
         "step": int(step) if isinstance(step, (int, float)) else None,
         "metrics": metrics,
+        "sampler": _sweep_sampler(best.get("sampler"), path),
+        "cheapest": _sweep_sampler(best.get("cheapest"), path),
         "settings": best.get("settings") if isinstance(best.get("settings"), dict) else {},
         "path": str(path),
     }
+
+
+def _sweep_sampler(entry, path: Path) -> dict | None:
+    """A sampler of ``best.json`` (``sampler``: the best's; ``cheapest``: the fewest network evaluations within the
+    sweep's margin of the best): ``{"scheduler": class name, "num_inference_steps", "nfe", ...}``, or ``None``."""
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("scheduler"), str):
+        raise ValueError(f"{path}: a sampler entry must name its scheduler, got {entry!r}")
+    out = dict(entry)
+    for key in ("num_inference_steps", "nfe"):
+        if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1):
+            raise ValueError(f"{path}: the sampler's {key} must be a positive integer, got {out[key]!r}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,6 +249,19 @@ def run_scheduler(run_dir: str | os.PathLike) -> EDMHeunScheduler:
     return scheduler_from_config(read_run_config(run_dir)[1])
 
 
+def sampling_autocast(config: dict, device: torch.device | str):
+    """The autocast context a run's sampling uses (``sampling.mixed_precision``): fp16 or bf16 autocast around the
+    pipeline on a GPU, as edm2-multi-gpu samples with ``--use_amp``; float32 (no autocast) on a CPU or when ``no``.
+    """
+    precision = (config.get("sampling") or {}).get("mixed_precision") or "no"
+    device = torch.device(device)
+    if precision == "no" or device.type == "cpu":
+        return contextlib.nullcontext()
+    if precision not in ("fp16", "bf16"):
+        raise ValueError(f"sampling.mixed_precision must be no, fp16 or bf16, got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
 __all__ = [
     "CONFIG_NAME",
     "LATENT_INFO_NAME",
@@ -241,6 +274,7 @@ __all__ = [
     "read_run_latent_info",
     "read_sweep",
     "run_scheduler",
+    "sampling_autocast",
     "sampling_settings",
     "scheduler_from_config",
     "sweep_best_path",

@@ -2,9 +2,15 @@
 """Evaluate a saved EDM2 pipeline: FID (Inception features) or the offline digits Fréchet distance.
 
 Examples:
-    # FID of a CIFAR-10 model, 50k images, 18 Heun steps, 8 GPUs; statistics of the real data cached once
+    # FID of a CIFAR-10 run's exported pipeline (RUN/pipeline), 50k images, 18 Heun steps, 8 GPUs; the reference
+    # images are the run's training set (dataset, image column `img`, resolution from RUN/config.yaml), their
+    # statistics cached once
+    accelerate launch --num_processes 8 examples/evaluate.py --run_dir runs/cifar10-E --num_images 50000 \\
+        --num_inference_steps 18 --ref_stats cifar10-train.npz --cache_dir runs/cifar10-E/fid-cache
+
+    # any saved pipeline against a Hub dataset (name its image column)
     accelerate launch --num_processes 8 examples/evaluate.py --pipeline out/pipeline --num_images 50000 \\
-        --num_inference_steps 18 --dataset_name uoft-cs/cifar10 --ref_stats cifar10-train.npz --cache_dir out/fid-cache
+        --dataset_name uoft-cs/cifar10 --image_column img --ref_stats cifar10-train.npz
 
     # the digits quickstart, offline, on the CPU
     python examples/evaluate.py --pipeline runs/digits/pipeline --feature_extractor digits --num_images 2000
@@ -26,13 +32,22 @@ from accelerate import Accelerator
 
 from edm2_diffusers.distributed import cpu_process_group
 from edm2_diffusers.evaluation import evaluate_pipeline
-from edm2_diffusers.evaluation.evaluate import add_reference_args, extractor_from_args, reference_from_args
+from edm2_diffusers.evaluation.evaluate import (
+    add_reference_args,
+    extractor_from_args,
+    fill_dataset_args,
+    reference_from_args,
+)
+from edm2_diffusers.files import write_json_atomic
 from edm2_diffusers.hub.loading import load_pipeline
+from edm2_diffusers.runs import pipeline_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", required=True, help="saved EDM2Pipeline folder or Hub repo id")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pipeline", help="saved EDM2Pipeline folder or Hub repo id")
+    source.add_argument("--run_dir", help="training run: its export RUN/pipeline, against its dataset (config.yaml)")
     parser.add_argument("--subfolder", default=None, help="the pipeline's folder inside --pipeline")
     parser.add_argument("--num_images", type=int, default=50000)
     parser.add_argument("--num_inference_steps", type=int, default=18)
@@ -47,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--num_images must be at least 2")
     if args.batch_size < 1 or args.num_inference_steps < 1:
         parser.error("--batch_size and --num_inference_steps must be positive")
+    # Dataset options left unset take the run's (the digits extractor has its own reference images).
+    fill_dataset_args(args, args.run_dir if args.feature_extractor != "digits" else None)
+    if args.run_dir:
+        args.pipeline = pipeline_dir(args.run_dir)
     return args
 
 
@@ -87,9 +106,7 @@ def main(argv=None) -> dict:
     if accelerator.is_main_process:
         print(json.dumps(result))
         if args.output_json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-            with open(args.output_json, "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
+            write_json_atomic(args.output_json, result)
     accelerator.end_training()
     return result
 

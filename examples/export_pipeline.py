@@ -40,7 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--push_to_hub", action="store_true", help="upload the export to the Hugging Face Hub")
     parser.add_argument("--hub_model_id", default=None, help="repository to push to, USER/NAME")
     parser.add_argument("--hub_token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
-    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument(
+        "--hub_private_repo", "--private", action="store_true", help="create the repository private (alias --private)"
+    )
     parser.add_argument("--commit_message", default=None, help="message of the Hub commit")
     return parser.parse_args(argv)
 
@@ -54,7 +56,7 @@ def main(argv=None):
         args.stds,
         push_to_hub=args.push_to_hub,
         hub_model_id=args.hub_model_id,
-        private=args.private,
+        private=args.hub_private_repo,
         token=args.hub_token,
         commit_message=args.commit_message,
         step=args.step,

@@ -5,10 +5,14 @@
     accelerate launch examples/train_edm2.py --config configs/cifar10/E.yaml --output_dir cifar10-E
     torchrun --nproc_per_node 8 examples/train_edm2.py --config configs/cifar10/E.yaml --output_dir cifar10-E
 
-Flags override the YAML config; ``--resume_from_checkpoint latest`` continues a run exactly where it stopped. At the
-end the EMA is exported as a diffusers pipeline into ``OUTPUT_DIR/pipeline`` (``--no-export_pipeline`` skips it) and
-pushed with ``--push_to_hub --hub_model_id USER/NAME``. The digits quickstart ends by printing the digits metrics of
-samples of the exported pipeline.
+Flags are named as in diffusers' training examples and override the YAML config; ``--resume_from_checkpoint latest``
+continues a run exactly where it stopped. Mixed precision is Accelerate's (``accelerate config``, ``accelerate launch
+--mixed_precision bf16``) unless the YAML or ``--mixed_precision`` sets it; ``--torch_compile`` (or Accelerate's
+dynamo backend) compiles the U-Net; ``--pretrained_model_name_or_path EXPORT [--variant ema0100]`` fine-tunes an
+exported pipeline's U-Net. At the end the EMA is exported as a diffusers pipeline into ``OUTPUT_DIR/pipeline``
+(``--no-export_pipeline`` skips it) and pushed with ``--push_to_hub --hub_model_id USER/NAME [--hub_private_repo]``;
+the token's write access is checked before training starts. The digits quickstart ends by printing the digits metrics
+of samples of the exported pipeline.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ FLAGS = {
     "image_column": "data.image_column",
     "label_column": "data.label_column",
     "resolution": "data.resolution",
+    "center_crop": "data.center_crop",
     "random_flip": "data.random_flip",
     "max_train_samples": "data.max_train_samples",
     "train_batch_size": "training.train_batch_size",
@@ -51,6 +56,10 @@ FLAGS = {
     "P_std": "training.P_std",
     "mixed_precision": "training.mixed_precision",
     "seed": "training.seed",
+    "pretrained_model_name_or_path": "training.pretrained_model_name_or_path",
+    "variant": "training.variant",
+    "torch_compile": "training.torch_compile",
+    "compile_backend": "training.compile_backend",
     "checkpointing_steps": "training.checkpointing_steps",
     "checkpoints_total_limit": "training.checkpoints_total_limit",
     "resume_from_checkpoint": "training.resume_from_checkpoint",
@@ -64,8 +73,10 @@ FLAGS = {
     "export_pipeline": "training.export_pipeline",
     "push_to_hub": "training.push_to_hub",
     "hub_model_id": "training.hub_model_id",
-    "hub_private": "training.hub_private",
+    "hub_private_repo": "training.hub_private_repo",
 }
+# Older spellings that stay accepted.
+ALIASES = {"hub_private_repo": ("--hub_private", "--private")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,10 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, dotted in FLAGS.items():
         section, key = dotted.split(".")
         _, kind, help_text = SCHEMA[section][key]
+        names = (f"--{flag}", *ALIASES.get(flag, ()))
         if kind is bool:
-            parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(f"--{flag}", type=kind, default=None, help=help_text)
+            parser.add_argument(*names, type=kind, default=None, help=help_text)
     parser.add_argument(
         "--ema_snapshot_steps",
         type=int,

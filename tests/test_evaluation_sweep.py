@@ -117,6 +117,51 @@ def test_sweep_is_reproducible_and_matches_direct_evaluation(tiny_run, cache_dir
     assert a.files == {}  # nothing written without an output folder
 
 
+def test_sweep_over_samplers_records_the_cheapest(tiny_run, cache_dir, tmp_path):
+    """Scheduler and step count swept with the EMA length: NFE in the CSV, a metric-vs-NFE plot, and best.json's
+    cheapest setting within the margin, which read_sweep hands to an export."""
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    from edm2_diffusers.ema import reconstruct
+
+    out = str(tmp_path / "sweep")
+    ref = digits_reference_stats()
+    kw = dict(num_images=12, batch_size=6, output_dir=out, progress=False)
+    samplers = "heun:3,dpmsolver:3,euler:2"
+    result = sweep_ema(tiny_run, "0.05,0.10", "digits", ref, samplers=samplers, margin="1000%", **kw)
+    with open(os.path.join(out, "sweep.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["std"], r["scheduler"], r["num_inference_steps"], r["nfe"]) for r in rows[:3]] == [
+        ("0.05", "EDMHeunScheduler", "3", "5"),
+        ("0.05", "EDMDPMSolverMultistepScheduler", "3", "3"),
+        ("0.05", "EDMEulerScheduler", "2", "2"),
+    ]
+    assert len(rows) == 6 and len({r["fd"] for r in rows}) == 6
+    # A row is the same evaluation as the pipeline with that scheduler, built from the run's sampler settings.
+    rec = reconstruct(tiny_run, [0.10])
+    dpm = EDMDPMSolverMultistepScheduler.from_config(run_scheduler(tiny_run).config)
+    direct = evaluate_pipeline(EDM2Pipeline(rec.model(0), dpm), "digits", ref, 12, 6, 3, progress=False)
+    assert float(rows[4]["fd"]) == pytest.approx(direct.fd, rel=1e-6)
+
+    with Image.open(os.path.join(out, "sweep_nfe.png")) as img:
+        assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 10
+    best = json.loads(Path(out, "best.json").read_text())
+    fds = {(float(r["std"]), int(r["nfe"])): float(r["fd"]) for r in rows}
+    assert best["value"] == pytest.approx(min(fds.values()))
+    # With a margin of 1000 %, every sampler at the best std qualifies: the cheapest is Euler with 2 evaluations.
+    assert best["cheapest"]["nfe"] == 2 and best["cheapest"]["scheduler"] == "EDMEulerScheduler"
+    assert best["cheapest"]["std"] == best["std"] == result.best_std
+    assert best["cheapest"]["value"] == pytest.approx(fds[(best["std"], 2)])
+    assert len(best["samplers"]) == 6 and len(best["results"]) == 2  # results: each std under the best's sampler
+    info = read_sweep(tiny_run, out)
+    assert info["cheapest"]["num_inference_steps"] == 2 and info["sampler"]["nfe"] == best["sampler"]["nfe"]
+    assert set(info["metrics"]) == {0.05, 0.10}
+
+    # A tight margin keeps the best setting itself.
+    tight = sweep_ema(tiny_run, "0.10", "digits", ref, samplers="heun:3,euler:2", margin="0%", **kw, overwrite=True)
+    assert tight.cheapest["nfe"] == tight.best_row["nfe"]
+
+
 def test_run_scheduler_reads_run_config(tiny_run, tmp_path):
     sched = run_scheduler(tiny_run)
     assert sched.config.sigma_max == 80.0 and sched.config.sigma_data == 0.5
@@ -164,6 +209,44 @@ def test_scripts_sweep_and_linear_probe(tiny_run, cache_dir, tmp_path, capsys):
 
     with pytest.raises(ValueError, match="decoder block"):
         probe.main(["--run_dir", tiny_run, "--block", "64x64_up", "--num_epochs", "1"])
+
+
+def test_scripts_read_the_runs_dataset(tiny_run, cache_dir, tmp_path, capsys):
+    """Given a run, the scripts take its dataset, image and label columns and splits (CIFAR-10's image column is
+    `img`); a seed dataset selects edm2-multi-gpu's probe; the seed protocol runs on a digits run's exported EMA."""
+    evaluate, probe = load_script("evaluate"), load_script("linear_probe")
+    for name, label, test_split in (("cifar10", "label", "test"), ("cifar100", "fine_label", "test")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text((ROOT / "configs" / name / "E.yaml").read_text())
+        args = evaluate.parse_args(["--run_dir", str(run)])
+        assert (args.dataset_name, args.image_column, args.resolution) == (f"uoft-cs/{name}", "img", 32)
+        assert args.pipeline == os.path.join(str(run), "pipeline") and args.dataset_split == "train"
+        assert evaluate.parse_args(["--run_dir", str(run), "--image_column", "x"]).image_column == "x"
+        args = probe.parse_args(["--run_dir", str(run)])
+        protocol, _ = probe.resolve(args)
+        assert protocol is not None and protocol.timestep == 4
+        columns = (args.image_column, args.label_column, args.train_split, args.test_split)
+        assert columns == ("img", label, "train", test_split)
+        args = probe.parse_args(["--run_dir", str(run), "--protocol", "package", "--label_column", "coarse_label"])
+        assert probe.resolve(args)[0] is None and args.label_column == "coarse_label"
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "config.yaml").write_text((ROOT / "configs" / "tinyimagenet" / "C.yaml").read_text())
+    args = probe.parse_args(["--run_dir", str(tiny)])
+    assert probe.resolve(args)[0].timestep == 5 and args.test_split == "valid" and args.image_column == "image"
+
+    # The digits run: its export (the run's EMA) probed by the seed protocol, on the digits' train/test split.
+    out = probe.main(
+        ["--run_dir", tiny_run, "--protocol", "edm2-multi-gpu", "--block", "8x8_up", "--num_epochs", "2",
+         "--batch_size", "64", "--max_images", "128"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "edm2-multi-gpu protocol" in printed and out.block == "8x8_up" and len(out.learning_rates) == 2
+    assert out.sigma == pytest.approx(0.0599, abs=1e-4)
+    result = evaluate.main(["--run_dir", tiny_run, "--feature_extractor", "digits", "--num_images", "8",
+                            "--batch_size", "8", "--num_inference_steps", "2"])  # fmt: skip
+    assert result["pipeline"] == os.path.join(tiny_run, "pipeline") and math.isfinite(result["fd"])
 
 
 def test_multiprocess_generation_covers_request(tiny_run, cache_dir, tmp_path):
@@ -222,3 +305,21 @@ def test_multiprocess_generation_covers_request(tiny_run, cache_dir, tmp_path):
     single = load_script("evaluate").main(common)
     assert single["fd"] == pytest.approx(multi["fd"], rel=1e-5)
     assert single["confident"] == pytest.approx(multi["confident"])
+
+
+def test_seed_probe_on_two_processes(tiny_run, cache_dir):
+    """The seed probe over two CPU processes: the learning rate is 1e-3 × 2, the accuracy covers the test split."""
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "examples" / "linear_probe.py"),
+        "--run_dir", tiny_run, "--protocol", "edm2-multi-gpu", "--block", "8x8_up", "--num_epochs", "2",
+        "--batch_size", "32", "--max_images", "96",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", EDM2_DIFFUSERS_CACHE=cache_dir)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    result = json.loads(line)
+    assert result["num_processes"] == 2 and result["protocol"] == "edm2-multi-gpu"
+    assert result["learning_rates"] == pytest.approx([2e-3, 1e-3])
+    assert 0 <= result["accuracy"] <= 1 and round(result["accuracy"] * 96) == pytest.approx(result["accuracy"] * 96)

@@ -13,8 +13,12 @@ from edm2_diffusers.training import load_config, validate_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # The paper's numbers, written out independently of the YAML files: (channels, parameters in millions,
-# alpha_ref, dropout, training duration in Mi images).
+# alpha_ref, dropout, training duration in Mi images). XXS (ImageNet-512) and XS (ImageNet-64) are the official
+# release's train_edm2.py presets edm2-img512-xxs and edm2-img64-xs; their sizes are those of Table 6's widths
+# (XXS, half of XS's width, is not in Table 6: 31M is the count of the network its 64 channels build).
 PAPER = {
+    "imagenet512/xxs": (64, 31, 0.0170, 0.00, 2048),
+    "imagenet64/xs": (128, 125, 0.0120, 0.00, 1024),
     "imagenet512/xs": (128, 125, 0.0120, 0.00, 2048),
     "imagenet512/s": (192, 280, 0.0100, 0.00, 2048),
     "imagenet512/m": (256, 498, 0.0090, 0.10, 2048),
@@ -56,6 +60,12 @@ def test_config_loads_and_builds_the_papers_network(name, tmp_path):
     assert train["lr_warmup_images"] == 10_000_000 and train["adam_beta2"] == 0.99
     assert cfg["data"]["label_column"] == "label" and cfg["data"]["random_flip"] is False
     assert cfg["ema"]["stds"] == [0.05, 0.10] and cfg["ema"]["type"] == "power"
+    # NVIDIA's training loop: per-image loss sums averaged over the batch, fp16 at loss scale 1 with non-finite
+    # gradients zeroed; ImageNet-64 is prepared with dataset_tool.py --transform=center-crop-dhariwal.
+    assert train["loss_reduction"] == "sum_per_image"
+    assert train["mixed_precision"] == "fp16" and train["zero_nonfinite_grads"] is True
+    assert cfg["sampling"]["mixed_precision"] == "fp16"
+    assert cfg["data"]["crop"] == (None if latent else "dhariwal")
     tiny = EDM2UNet2DModel(sample_size=8, model_channels=16, channel_mult=(1,), num_blocks=1, channels_per_head=16)
     ema = build_ema(tiny, cfg["ema"])  # the EMA section is valid for the EMA builder
     assert ema.snapshot_every_steps * 2048 == 8 << 20  # snapshots every 8Mi images

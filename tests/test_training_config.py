@@ -111,6 +111,24 @@ def test_bad_values_are_named(tmp_path):
         validate_config(load_config(tmp_path / "b.yaml", {**base, "training.output_dir": None}))
     with pytest.raises(ValueError, match="--max_train_steps or --num_epochs"):
         validate_config(load_config(tmp_path / "b.yaml", {**base, "training.max_train_steps": None}))
+    for key, value, match in [
+        ("training.lr_schedule", "cosine", "lr_schedule"),
+        ("training.loss_reduction", "sum", "loss_reduction"),
+        ("data.crop", "random", "data.crop"),
+        ("sampling.mixed_precision", "fp8", "sampling.mixed_precision"),
+        ("training.lr_warmup_epochs", -1, "lr_warmup_epochs"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            validate_config(load_config(tmp_path / "b.yaml", {**base, key: value}))
+    # each schedule reads its own keys: a key of the other one is an error, not silently ignored
+    with pytest.raises(ValueError, match="lr_warmup_epochs is set but training.lr_schedule is images"):
+        validate_config(load_config(tmp_path / "b.yaml", {**base, "training.lr_warmup_epochs": 5}))
+    epochs = {**base, "training.lr_schedule": "epochs"}
+    with pytest.raises(ValueError, match="lr_decay_ref_steps is set but training.lr_schedule is epochs"):
+        validate_config(load_config(tmp_path / "b.yaml", {**epochs, "training.lr_decay_ref_steps": 5}))
+    validate_config(load_config(tmp_path / "b.yaml", {**epochs, "training.lr_warmup_epochs": 5}))
+    with pytest.raises(ValueError, match="data.crop dhariwal crops to data.resolution"):
+        validate_config(load_config(tmp_path / "b.yaml", {**base, "data.crop": "dhariwal"}))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -131,9 +149,11 @@ def test_dataset_configs_carry_the_edm2_multigpu_hyper_parameters(dataset, image
     assert c["total_batch_size"] == e["total_batch_size"] == g["total_batch_size"] == (512 if cifar else 192)
     assert c["learning_rate"] == (4e-4 if cifar else 1.5e-4)
     assert e["learning_rate"] == g["learning_rate"] == (2e-2 if cifar else 7.5e-3)
-    for t in (c, e, g):  # 200-epoch warm-up, P_mean/P_std of the runs
-        assert t["lr_warmup_images"] == 200 * images and (t["P_mean"], t["P_std"]) == (-1.2, 1.2)
-    assert c["lr_decay_ref_images"] is None and e["lr_decay_ref_images"] == g["lr_decay_ref_images"] == 400 * images
+    for t in (c, e, g):  # per-epoch schedule with a 200-epoch warm-up, last batch kept, P_mean/P_std of the runs
+        assert t["lr_schedule"] == "epochs" and t["lr_warmup_epochs"] == 200 and t["drop_last"] is False
+        assert (t["P_mean"], t["P_std"]) == (-1.2, 1.2)
+        assert not t["lr_warmup_images"] and not t["lr_decay_ref_images"]
+    assert c["lr_decay_ref_epochs"] is None and e["lr_decay_ref_epochs"] == g["lr_decay_ref_epochs"] == 400
     assert c["num_epochs"] == (1000 if cifar else 2000) and e["num_epochs"] == 2000
     flips = load_config(ROOT / "configs" / dataset / "E.yaml")["data"]["random_flip"]
     assert flips is cifar
@@ -148,6 +168,9 @@ def test_seed_configs_use_edm2_multigpu_optimizer_and_precision(dataset, arch):
     assert (t["adam_beta1"], t["adam_beta2"]) == tuple(defaults["betas"].default)
     assert t["adam_epsilon"] == defaults["eps"].default
     assert t["mixed_precision"] == "fp16"  # its documented commands pass --use_amp (fp16 autocast + GradScaler)
+    cfg = load_config(ROOT / "configs" / dataset / f"{arch}.yaml")
+    assert cfg["sampling"]["mixed_precision"] == "fp16"  # sample.py --use_amp
+    assert t["loss_reduction"] == "mean" and t["zero_nonfinite_grads"] is False  # its loss_4shape.mean(), scaler
 
 
 def test_ema_section_is_checked_when_the_config_is_validated(tmp_path):

@@ -111,6 +111,32 @@ def test_resize_and_centre_crop():
     assert image_to_array(Image.fromarray(array, "L"), resolution=None, channels=3).shape == (3, 10, 20)
 
 
+def test_center_crop_keeps_todays_middle_square_and_random_crop_is_seeded_per_epoch():
+    import datasets
+
+    wide = np.tile(np.arange(0, 240, 6, dtype=np.uint8), (10, 1))  # 10 x 40, every column its own grey
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(wide, "L")] * 3})
+    resized = np.asarray(Image.fromarray(wide, "L").resize((20, 5), resample=Image.Resampling.BICUBIC))
+    windows = [resized[:, left : left + 5].astype(np.float32) / 127.5 - 1 for left in range(16)]
+    model = dict(MODEL, in_channels=1)
+
+    def crops(center_crop, seed=0, epoch=0, index=0):
+        tds = build_image_dataset(ds, data_cfg(center_crop=center_crop), model, "memory", 5, seed=seed)
+        tds.set_epoch(epoch)
+        pixels = tds[index]["pixel_values"][0].numpy()
+        return [left for left, w in enumerate(windows) if np.array_equal(w, pixels)]
+
+    # The default (and --center_crop) is the middle square, exactly as before the option existed.
+    default = build_image_dataset(ds, data_cfg(), model, "memory", 5)[0]["pixel_values"][0].numpy()
+    assert np.array_equal(default, windows[7]) and crops(True) == [7] and crops(True, epoch=3) == [7]
+    # Without it, a random square of the resized image, drawn from (seed, epoch, index): the same again on resume.
+    drawn = {(e, i): crops(False, epoch=e, index=i) for e in range(4) for i in range(3)}
+    assert all(len(v) == 1 for v in drawn.values())
+    assert len({v[0] for v in drawn.values()}) > 3
+    assert crops(False, epoch=2, index=1) == drawn[2, 1]
+    assert [crops(False, seed=5, epoch=e) for e in range(4)] != [drawn[e, 0] for e in range(4)]
+
+
 def test_grayscale_folder_for_a_one_channel_model(tmp_path):
     root = write_folder(tmp_path / "g", [(8, 8)] * 2, mode="L")
     cfg = data_cfg(train_data_dir=str(root), cache_dir=str(tmp_path / "cache"))

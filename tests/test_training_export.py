@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hub_http import hub_transport, whoami
 from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load_file
 from test_export import FakeHub
@@ -183,7 +184,14 @@ def test_traditional_ema_with_posthoc_profiles_exports_the_average_and_keeps_sna
 # ------------------------------------------------------------------------------------------------ Hub
 
 
-def test_push_to_hub_sends_the_final_export(tmp_path, monkeypatch):
+@pytest.fixture
+def hub_http():
+    with hub_transport() as server:
+        yield server
+
+
+def test_push_to_hub_sends_the_final_export(tmp_path, monkeypatch, hub_http):
+    hub_http.tokens["hf_secret"] = whoami("alice")  # the access check before training
     hub = FakeHub(monkeypatch)
     tokens = []
     create_commit = HfApi.create_commit

@@ -10,19 +10,36 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .latents import center_crop
 from .sources import dataset_columns
 
 
-def image_to_array(image: Image.Image, resolution: int | None, channels: int) -> np.ndarray:
-    """PIL image → float32 array (C, H, W) in [-1, 1]; resized (shorter side) and centre-cropped to ``resolution``."""
+def image_to_array(
+    image: Image.Image,
+    resolution: int | None,
+    channels: int,
+    rng: np.random.Generator | None = None,
+    crop: str | None = None,
+) -> np.ndarray:
+    """PIL image → float32 array (C, H, W) in [-1, 1]; resized (shorter side) and cropped to ``resolution``.
+
+    The crop is the middle square, or with ``rng`` a random one (diffusers' ``RandomCrop`` after ``Resize``).
+    ``crop="dhariwal"`` uses ADM's centre crop (:func:`~edm2_diffusers.data.latents.center_crop`, NVIDIA's
+    ``dataset_tool.py --transform=center-crop-dhariwal``) instead of one bicubic resize.
+    """
+    if crop == "dhariwal" and resolution is not None:
+        image = Image.fromarray(center_crop(image, resolution))
     image = image.convert("L" if channels == 1 else "RGB")
     if resolution is not None and image.size != (resolution, resolution):
         w, h = image.size
         scale = resolution / min(w, h)
         new_size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
         image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
-        left = (new_size[0] - resolution) // 2
-        top = (new_size[1] - resolution) // 2
+        spare_x, spare_y = new_size[0] - resolution, new_size[1] - resolution
+        if rng is None:
+            left, top = spare_x // 2, spare_y // 2
+        else:
+            left, top = (int(v) for v in rng.integers(0, [spare_x + 1, spare_y + 1]))
         image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32)
     if array.ndim == 2:
@@ -38,22 +55,44 @@ class EDM2ImageDataset(torch.utils.data.Dataset):
         image_column (`str`), label_column (`str`, *optional*): columns to read.
         resolution (`int`, *optional*): resize/crop size; ``None`` keeps images as stored.
         channels (`int`): 1 (grey) or 3 (RGB).
+        crop (`str`, *optional*): ``"dhariwal"`` for ADM's centre crop (see :func:`image_to_array`).
+        center_crop (`bool`): crop the middle square; ``False``: a random square drawn from (seed, epoch, index), so
+            a resumed run crops alike (the loader's ``set_epoch`` reaches :meth:`set_epoch`).
+        seed (`int`): seed of the random crops.
     """
 
-    def __init__(self, hf_dataset, image_column: str, label_column: str | None, resolution: int | None, channels: int):
+    def __init__(
+        self,
+        hf_dataset,
+        image_column: str,
+        label_column: str | None,
+        resolution: int | None,
+        channels: int,
+        center_crop: bool = True,
+        seed: int = 0,
+        crop: str | None = None,
+    ):
         columns = [image_column] + ([label_column] if label_column else [])
         self.dataset = hf_dataset.select_columns(columns)
         self.image_column = image_column
         self.label_column = label_column
         self.resolution = resolution
         self.channels = channels
+        self.crop = crop
+        self.center_crop = center_crop
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def _item(self, image, label, index: int) -> dict:
+        rng = None if self.center_crop else np.random.default_rng([self.seed, self.epoch, index])
         item = {
-            "pixel_values": torch.from_numpy(image_to_array(image, self.resolution, self.channels)),
+            "pixel_values": torch.from_numpy(image_to_array(image, self.resolution, self.channels, rng, self.crop)),
             "index": index,
         }
         if self.label_column:
@@ -105,13 +144,22 @@ class EDM2LatentDataset(torch.utils.data.Dataset):
         return items
 
 
-def build_image_dataset(ds, data_cfg: dict, model_cfg: dict, source: str, resolution: int):
-    """The torch dataset the training loop reads, from a checked ``datasets.Dataset``."""
+def build_image_dataset(ds, data_cfg: dict, model_cfg: dict, source: str, resolution: int, seed: int = 0):
+    """The torch dataset the training loop reads, from a checked ``datasets.Dataset`` (``seed``: random crops)."""
     image_column, label_column = dataset_columns(source, data_cfg)
     if source == "latents":
         return EDM2LatentDataset(ds, image_column, label_column)
+    channels = model_cfg.get("in_channels", 3)
+    center_crop = data_cfg.get("center_crop", True)
     return EDM2ImageDataset(
-        ds, image_column, label_column, resolution=resolution, channels=model_cfg.get("in_channels", 3)
+        ds,
+        image_column,
+        label_column,
+        resolution,
+        channels,
+        center_crop=center_crop,
+        seed=seed,
+        crop=data_cfg.get("crop"),
     )
 
 

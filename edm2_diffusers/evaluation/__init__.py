@@ -15,14 +15,8 @@ from .evaluate import (
     evaluate_pipeline,
     reference_stats,
 )
-from .fid import (
-    FeatureFrechetDistance,
-    FeatureStats,
-    InceptionFeatureExtractor,
-    frechet_distance,
-    frechet_distance_from_stats,
-    get_feature_extractor,
-)
+from .extractors import InceptionFeatureExtractor, extractor_name, get_feature_extractor
+from .fid import FeatureFrechetDistance, FeatureStats, frechet_distance, frechet_distance_from_stats
 from .generation import FeatureCache, iter_generated_features, seed_ranges
 
 __all__ = [
@@ -39,6 +33,7 @@ __all__ = [
     "digits_metrics",
     "digits_reference_stats",
     "evaluate_pipeline",
+    "extractor_name",
     "frechet_distance",
     "frechet_distance_from_stats",
     "get_feature_extractor",

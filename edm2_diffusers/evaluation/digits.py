@@ -15,9 +15,13 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch import nn
 
-from .fid import FeatureStats, _check_unit_images, frechet_distance_from_stats
+from ..files import atomic_path
+from .fid import FeatureStats, check_unit_images, frechet_distance_from_stats
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +46,6 @@ def load_digits_split(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
         split (`str`): ``"all"``, or ``"train"`` / ``"test"`` of a fixed stratified 75/25 split (seed 0), shared by the
             digits classifier and the linear probe.
     """
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
     labels = torch.from_numpy(digits.target.astype(np.int64))
@@ -51,8 +53,6 @@ def load_digits_split(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
         return images, labels
     if split not in ("train", "test"):
         raise ValueError(f"unknown digits split {split!r}; expected 'all', 'train' or 'test'")
-    from sklearn.model_selection import train_test_split
-
     train_idx, test_idx = train_test_split(
         np.arange(len(labels)),
         test_size=DIGITS_TEST_FRACTION,
@@ -125,8 +125,6 @@ def train_digits_classifier(num_steps: int = 600, batch_size: int = 128, lr: flo
 
 @functools.lru_cache(maxsize=4)
 def _cached_classifier(cache_dir: str) -> DigitsClassifier:
-    from safetensors.torch import load_file, save_file
-
     path = os.path.join(cache_dir, CLASSIFIER_FILE)
     model = DigitsClassifier()
     if os.path.isfile(path):
@@ -138,10 +136,9 @@ def _cached_classifier(cache_dir: str) -> DigitsClassifier:
             logger.warning("digits classifier cache %s is unreadable (%s); retraining", path, err)
     model, acc = train_digits_classifier()
     logger.info("trained the digits classifier: test accuracy %.3f; cached at %s", acc, path)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"test_accuracy": f"{acc}"})
-    os.replace(tmp, path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={"test_accuracy": f"{acc}"})
     return model
 
 
@@ -155,7 +152,7 @@ def get_digits_classifier(cache_dir: str | None = None) -> DigitsClassifier:
 
 
 class DigitsFeatureExtractor(nn.Module):
-    """Feature extractor (see :mod:`edm2_diffusers.evaluation.fid`) over the digits classifier's penultimate layer.
+    """Feature extractor (the convention of :mod:`.fid`) over the digits classifier's penultimate layer.
 
     Args:
         classifier (`DigitsClassifier`): a trained classifier (frozen here).
@@ -169,7 +166,7 @@ class DigitsFeatureExtractor(nn.Module):
         self.num_features = classifier.num_features
 
     def _check(self, images: torch.Tensor) -> torch.Tensor:
-        images = _check_unit_images(images)
+        images = check_unit_images(images)
         if tuple(images.shape[1:]) != (1, 8, 8):
             raise ValueError(f"the digits extractor takes (N, 1, 8, 8) images, got {tuple(images.shape)}")
         return images.to(next(self.classifier.parameters()).device)

@@ -17,7 +17,11 @@ import torch
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .fid import FeatureFrechetDistance, FeatureStats, get_feature_extractor
+from ..data import EDM2ImageDataset, dataset_columns, load_train_dataset, resolve_source
+from ..runs import read_run_config
+from .digits import default_cache_dir, load_digits_split
+from .extractors import extractor_name, get_feature_extractor
+from .fid import FeatureFrechetDistance, FeatureStats
 from .generation import FeatureCache, iter_generated_features, model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -39,10 +43,6 @@ class EvaluationOutput(BaseOutput):
     num_images: int
     feature_extractor: str
     confident: float | None = None
-
-
-def extractor_name(feature_extractor: nn.Module) -> str:
-    return str(getattr(feature_extractor, "name", type(feature_extractor).__name__))
 
 
 def dataset_image_batches(
@@ -69,8 +69,6 @@ def dataset_image_batches(
         batch_size (`int`): images per yielded batch.
         max_images (`int`, *optional*): stop after this many images.
     """
-    from ..data import EDM2ImageDataset, load_train_dataset
-
     if dataset_name in ("digits", "sklearn_digits"):
         cfg = {"source": "sklearn_digits"}
         image_column = "image"
@@ -131,7 +129,6 @@ def reference_stats(
             raise ValueError(
                 "no reference statistics: pass --ref_stats FILE of an earlier run, or a dataset to compute them from"
             )
-        from .digits import load_digits_split
 
         def image_batches():
             return [load_digits_split("all")[0]]
@@ -151,8 +148,6 @@ def reference_stats(
 
 def default_ref_stats_path(feature_extractor_name: str, dataset: str, split: str = "train", resolution=None) -> str:
     """Where reference statistics are cached when no ``--ref_stats`` is given: the package cache folder."""
-    from .digits import default_cache_dir
-
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{dataset}-{split}-{resolution or 'native'}")
     return os.path.join(default_cache_dir(), "ref_stats", f"{slug}-{feature_extractor_name}.npz")
 
@@ -212,7 +207,7 @@ def evaluate_pipeline(
 
     Args:
         pipeline (`EDM2Pipeline`): the generator.
-        feature_extractor (`str` or `nn.Module`): ``"inception"``, ``"digits"`` or a module (see :mod:`.fid`).
+        feature_extractor (`str` or `nn.Module`): ``"inception"``, ``"digits"`` or a module (see :mod:`.extractors`).
         reference (`FeatureStats`): statistics of the real data (see :func:`reference_stats`).
         num_images (`int`): images in total (50,000 for the standard FID).
         batch_size (`int`): images per batch and process.
@@ -287,21 +282,68 @@ __all__ = [
     "dataset_image_batches",
     "evaluate_pipeline",
     "default_ref_stats_path",
+    "fill_dataset_args",
     "reference_stats",
     "resolve_reference",
+    "run_dataset",
 ]
 
 
+def run_dataset(run_dir: str) -> dict:
+    """The dataset a run trained on, from its ``config.yaml``, in the evaluation options' names.
+
+    Returns ``dataset_name`` (``"digits"`` for scikit-learn's digits), ``train_data_dir``, ``dataset_config_name``,
+    ``dataset_split``, ``image_column``, ``label_column`` (``None`` when the run trained unconditionally),
+    ``resolution``; an empty dict for a run without a config.
+    """
+    path, cfg = read_run_config(run_dir)
+    data = dict(cfg.get("data") or {})
+    if path is None or not data:
+        return {}
+    source = resolve_source(data)
+    if source == "latents":
+        raise ValueError(f"{run_dir} trained on a latent dataset; give the image dataset with --dataset_name")
+    image_column, label_column = dataset_columns(source, data)
+    return {
+        "dataset_name": "digits" if source == "sklearn_digits" else data.get("dataset_name"),
+        "train_data_dir": data.get("train_data_dir") if source == "imagefolder" else None,
+        "dataset_config_name": data.get("dataset_config_name"),
+        "dataset_split": data.get("dataset_split") or "train",
+        "image_column": image_column,
+        "label_column": label_column,
+        "resolution": data.get("resolution"),
+    }
+
+
+_DATASET_FALLBACKS = {"dataset_split": "train", "image_column": "image", "label_column": "label"}
+
+
+def fill_dataset_args(args, run_dir: str | None) -> dict:
+    """Options left unset on the command line take the run's dataset (:func:`run_dataset`), then the defaults.
+
+    Returns the run's dataset settings (empty without a run).
+    """
+    settings = run_dataset(run_dir) if run_dir else {}
+    for key in ("dataset_name", "train_data_dir", "dataset_config_name", "resolution", *_DATASET_FALLBACKS):
+        if hasattr(args, key) and getattr(args, key) is None:
+            value = settings.get(key)
+            setattr(args, key, value if value is not None else _DATASET_FALLBACKS.get(key))
+    return settings
+
+
 def add_reference_args(parser) -> None:
-    """Command-line options shared by the evaluation scripts: the feature extractor and the reference images."""
+    """Command-line options shared by the evaluation scripts: the feature extractor and the reference images.
+
+    The dataset options default to the run's (``--run_dir``, see :func:`fill_dataset_args`).
+    """
     parser.add_argument("--feature_extractor", default="inception", choices=["inception", "digits"])
     parser.add_argument("--inception_weights", default=None, help="local torch-fidelity Inception weights file")
     parser.add_argument("--ref_stats", default=None, help=".npz of reference statistics: read, or written if missing")
     parser.add_argument("--dataset_name", default=None, help="Hub dataset of the reference images, or 'digits'")
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--train_data_dir", default=None, help="local image folder of the reference images instead")
-    parser.add_argument("--dataset_split", default="train")
-    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--dataset_split", default=None, help="default: the run's, else train")
+    parser.add_argument("--image_column", default=None, help="default: the run's, else image (CIFAR-10's is img)")
     parser.add_argument("--resolution", type=int, default=None, help="resize/crop reference images (as in training)")
 
 

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from ..files import atomic_path
+
 REF_STATS_FORMAT = "edm2_diffusers.feature_stats.v1"
 
 
@@ -59,13 +61,15 @@ class FeatureStats:
         path = os.fspath(path)
         if not path.endswith(".npz"):
             raise ValueError(f"reference statistics are stored as .npz; got the file name {path!r}")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
         meta = {"format": REF_STATS_FORMAT, "feature_extractor": self.feature_extractor}
-        np.savez(
-            tmp, mu=self.mu, sigma=self.sigma, num_samples=np.int64(self.num_samples), meta=np.array(json.dumps(meta))
-        )
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(
+                tmp,
+                mu=self.mu,
+                sigma=self.sigma,
+                num_samples=np.int64(self.num_samples),
+                meta=np.array(json.dumps(meta)),
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike, feature_extractor: str | None = None) -> FeatureStats:
@@ -150,8 +154,7 @@ class FeatureFrechetDistance(FrechetInceptionDistance):
 
     Args:
         feature_extractor (`nn.Module`): maps (N, C, H, W) float images in [0, 1] to (N, D) features and has an
-            integer ``num_features`` attribute (see :func:`inception_feature_extractor` and
-            :func:`edm2_diffusers.evaluation.digits.digits_feature_extractor`).
+            integer ``num_features`` attribute (see :mod:`edm2_diffusers.evaluation.extractors`).
         **kwargs: passed to torchmetrics' ``Metric``.
     """
 
@@ -242,48 +245,8 @@ class FeatureFrechetDistance(FrechetInceptionDistance):
         return float(self.compute())
 
 
-class InceptionFeatureExtractor(nn.Module):
-    """The 2048-d pool features of the FID Inception-v3 (torch-fidelity's port, as wrapped by torchmetrics).
-
-    Takes (N, C, H, W) floats in [0, 1], quantises them to uint8 as a saved PNG would be, repeats grey images to three
-    channels, and lets the network resize to 299×299. Needs ``pip install edm2-diffusers[metrics]``; the weights are
-    downloaded by torch-fidelity on first use (or read from ``weights_path``).
-
-    Args:
-        weights_path (`str`, *optional*): local copy of torch-fidelity's ``pt_inception-2015-12-05`` weights.
-    """
-
-    name = "inception"
-    num_features = 2048
-
-    def __init__(self, weights_path: str | None = None):
-        super().__init__()
-        try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-            from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-        except ImportError as err:  # pragma: no cover - depends on the torchmetrics build
-            raise ImportError("this torchmetrics build has no FID Inception network") from err
-        if not _TORCH_FIDELITY_AVAILABLE:
-            raise ModuleNotFoundError(
-                "the Inception feature extractor needs torch-fidelity: pip install 'edm2-diffusers[metrics]' "
-                "(its weights are downloaded on first use); offline, use --feature_extractor digits or a custom module"
-            )
-        self.net = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=[str(self.num_features)],
-            feature_extractor_weights_path=weights_path,
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = _check_unit_images(images)
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        elif images.shape[1] != 3:
-            raise ValueError(f"Inception features need 1 or 3 channels, got {images.shape[1]}")
-        return self.net((images * 255).round().to(torch.uint8)).reshape(len(images), -1)
-
-
-def _check_unit_images(images: torch.Tensor) -> torch.Tensor:
+def check_unit_images(images: torch.Tensor) -> torch.Tensor:
+    """Images in the extractor convention above: (N, C, H, W) floats in [0, 1] (uint8 is scaled), else an error."""
     images = torch.as_tensor(images)
     if images.ndim != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
@@ -298,30 +261,10 @@ def _check_unit_images(images: torch.Tensor) -> torch.Tensor:
     return images.clamp(0, 1)
 
 
-def get_feature_extractor(name: str | nn.Module, **kwargs) -> nn.Module:
-    """The feature extractor called ``name`` (``"inception"`` or ``"digits"``), or ``name`` itself if a module.
-
-    Args:
-        name (`str` or `nn.Module`): extractor name, or a ready module following the convention above.
-        **kwargs: passed to the extractor's constructor (e.g. ``weights_path`` for Inception, ``cache_dir`` for
-            digits).
-    """
-    if isinstance(name, nn.Module):
-        return name
-    if name == "inception":
-        return InceptionFeatureExtractor(**kwargs)
-    if name == "digits":
-        from .digits import digits_feature_extractor
-
-        return digits_feature_extractor(**kwargs)
-    raise ValueError(f"unknown feature extractor {name!r}; expected 'inception', 'digits' or an nn.Module")
-
-
 __all__ = [
     "FeatureStats",
     "FeatureFrechetDistance",
-    "InceptionFeatureExtractor",
     "frechet_distance",
+    "check_unit_images",
     "frechet_distance_from_stats",
-    "get_feature_extractor",
 ]

@@ -13,6 +13,7 @@ mixed in.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +22,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from ..files import atomic_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +60,6 @@ def seed_ranges(num_images: int, num_processes: int, batch_size: int, seed: int 
 
 def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 of a model's state dict (names, dtypes, shapes and bytes): ties cached features to the exact weights."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         t = tensor.detach().cpu().contiguous()
@@ -94,11 +96,7 @@ class FeatureCache:
                     "use another --cache_dir or delete this one"
                 )
         elif is_main_process:
-            os.makedirs(cache_dir, exist_ok=True)
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(self.settings, f, indent=2, sort_keys=True)
-            os.replace(tmp, path)
+            write_json_atomic(path, self.settings, sort_keys=True)
 
     def path(self, seeds: range) -> str:
         return os.path.join(self.cache_dir, _batch_file(seeds))
@@ -120,11 +118,8 @@ class FeatureCache:
         return arrays
 
     def save(self, seeds: range, arrays: dict[str, np.ndarray]) -> None:
-        os.makedirs(self.cache_dir, exist_ok=True)
-        path = self.path(seeds)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, seeds=np.asarray(list(seeds), dtype=np.int64), **arrays)
-        os.replace(tmp, path)
+        with atomic_path(self.path(seeds), suffix=".npz") as tmp:
+            np.savez(tmp, seeds=np.asarray(list(seeds), dtype=np.int64), **arrays)
 
     def finished(self) -> list[range]:
         """Seed ranges of all batch files present."""
@@ -179,7 +174,7 @@ def iter_generated_features(
 
     Args:
         pipeline (`EDM2Pipeline`): the generator; moved to the accelerator's device.
-        feature_extractor (`nn.Module`): maps [0, 1] images to features (see :mod:`.fid`).
+        feature_extractor (`nn.Module`): maps [0, 1] images to features (see :mod:`.extractors`).
         num_images (`int`): images requested over all processes.
         batch_size (`int`): images per batch and process.
         num_inference_steps (`int`): sampler steps.
@@ -194,8 +189,6 @@ def iter_generated_features(
     Yields:
         `(range, dict)`: the batch's seeds and its arrays.
     """
-    from tqdm.auto import tqdm
-
     index = accelerator.process_index if accelerator is not None else 0
     count = accelerator.num_processes if accelerator is not None else 1
     device = accelerator.device if accelerator is not None else torch.device("cpu")

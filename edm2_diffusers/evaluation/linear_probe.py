@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 
+from ..data import EDM2ImageDataset, load_train_dataset
 from ..edm import denoise
+from .digits import load_digits_split
 
 DEFAULT_SIGMA = 0.06  # near the low end of an 18-step EDM schedule, where features are cleanest
 
@@ -57,6 +59,35 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
+def pooled_block_output(unet, x: torch.Tensor, sigma: float, block: str, sigma_data: float = 0.5) -> torch.Tensor:
+    """The spatial mean of ``unet.dec[block]``'s output inside D(x; σ), as float32 (N, channels) on x's device.
+
+    The network runs in eval mode and stops once the block has run (a forward hook).
+    """
+    names = decoder_block_names(unet)
+    if block not in names:
+        raise ValueError(f"unknown decoder block {block!r}; this model's decoder blocks are {', '.join(names)}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        captured.append(output.float().mean(dim=(2, 3)))
+        raise _StopForward
+
+    handle = unet.dec[block].register_forward_hook(hook)
+    was_training = unet.training
+    unet.eval()
+    try:
+        denoise(unet, x.to(next(unet.parameters()).device), sigma, sigma_data=sigma_data)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+        unet.train(was_training)
+    return captured[0].to(x.device)
+
+
 def block_features(
     unet,
     images: torch.Tensor,
@@ -80,35 +111,14 @@ def block_features(
     Returns:
         `torch.Tensor`: float32 features (N, channels) on the CPU.
     """
-    names = decoder_block_names(unet)
     block = block or default_probe_block(unet)
-    if block not in names:
-        raise ValueError(f"unknown decoder block {block!r}; this model's decoder blocks are {', '.join(names)}")
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    device = next(unet.parameters()).device
-    captured: list[torch.Tensor] = []
-
-    def hook(module, args, output):
-        captured.append(output.float().mean(dim=(2, 3)).cpu())
-        raise _StopForward
-
-    handle = unet.dec[block].register_forward_hook(hook)
-    was_training = unet.training
-    unet.eval()
     gen = torch.Generator().manual_seed(seed)
-    try:
-        for start in range(0, len(images), batch_size):
-            y = images[start : start + batch_size].float()
-            x = y + sigma * torch.randn(y.shape, generator=gen)
-            try:
-                denoise(unet, x.to(device), sigma, sigma_data=sigma_data)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-        unet.train(was_training)
-    return torch.cat(captured)
+    out = []
+    for start in range(0, len(images), batch_size):
+        y = images[start : start + batch_size].float()
+        x = y + sigma * torch.randn(y.shape, generator=gen)
+        out.append(pooled_block_output(unet, x, sigma, block, sigma_data).cpu())
+    return torch.cat(out)
 
 
 @torch.enable_grad()
@@ -223,13 +233,9 @@ def probe_dataset(
     name is loaded from the Hub through the training data code.
     """
     if dataset_name in ("digits", "sklearn_digits"):
-        from .digits import load_digits_split
-
         images, labels = load_digits_split(split)
         images = images * 2 - 1
     else:
-        from ..data import EDM2ImageDataset, load_train_dataset
-
         ds = load_train_dataset(
             {
                 "source": "hub",
@@ -257,6 +263,7 @@ __all__ = [
     "decoder_block_names",
     "default_probe_block",
     "linear_probe",
+    "pooled_block_output",
     "probe_dataset",
     "train_linear_classifier",
 ]

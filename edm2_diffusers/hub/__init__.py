@@ -14,7 +14,7 @@ from .export import export_model, export_pipelines, export_run
 from .layout import EXPORT_INFO_NAME, variant_name
 from .loading import load_pipeline
 from .model_card import build_model_card, read_export_info, template_text
-from .push import push_to_hub, resolve_repo_id
+from .push import check_push_access, push_to_hub, resolve_repo_id
 from .remote_code import BundleError, bundle_module, write_custom_code
 from .run_info import default_stds
 from .writing import ExportOptions, ExportResult, ExportSource, Variant, write_export
@@ -29,6 +29,7 @@ __all__ = [
     "build_model_card",
     "bundle_module",
     "check_export",
+    "check_push_access",
     "default_stds",
     "export_converted",
     "export_model",

@@ -12,7 +12,13 @@ import os
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-from huggingface_hub.errors import RevisionNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalTokenNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .checks import check_export
@@ -46,6 +52,61 @@ def resolve_repo_id(repo_id: str | None) -> str:
     if repo_id.count("/") > 1:
         raise ValueError(f"--hub_model_id {repo_id!r} is not a valid Hub repository id (USER/NAME)")
     return repo_id
+
+
+def check_push_access(repo_id: str, token: str | None = None) -> str:
+    """Check, before any work is done, that ``token`` may push to ``repo_id``; return the full ``user/name`` id.
+
+    The token must be valid (``whoami``). An existing repository must grant it write access (``auth_check`` with
+    ``write=True``); a new one needs a token that may write (not a read token, a fine-grained token with
+    ``repo.write`` on the namespace) and a namespace it may create repositories in (its own, or an organization where
+    its role is above ``read``).
+
+    Args:
+        repo_id (`str`): ``user/name`` or ``name`` (in the token owner's namespace).
+        token (`str`, *optional*): Hub token; default: ``HF_TOKEN`` or the cached ``hf auth login``.
+
+    Raises:
+        `ValueError`: no token, a rejected token, or no write access; the message says which.
+    """
+    repo_id = resolve_repo_id(repo_id)
+    api = HfApi(token=token)
+    try:
+        me = api.whoami()
+    except LocalTokenNotFoundError:
+        raise ValueError(
+            "pushing to the Hub needs a token: pass --hub_token, set HF_TOKEN or run `hf auth login`"
+        ) from None
+    except HfHubHTTPError as err:
+        raise ValueError(f"the Hub did not accept the token for pushing to {repo_id!r}: {err}") from None
+    user = me.get("name")
+    full_id = repo_id if "/" in repo_id else f"{user}/{repo_id}"
+    try:
+        api.auth_check(full_id, write=True)
+        return full_id
+    except GatedRepoError as err:
+        raise ValueError(f"the Hub token of {user!r} has no write access to {full_id!r}: {err}") from None
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        if not isinstance(err, RepositoryNotFoundError) and status != 404:
+            raise ValueError(f"the Hub token of {user!r} has no write access to {full_id!r}: {err}") from None
+    # A new repository: may this token create it?
+    namespace = full_id.split("/")[0]
+    token_info = me.get("auth", {}).get("accessToken", {})
+    role = token_info.get("role")
+    if role == "read":
+        raise ValueError(f"the Hub token of {user!r} is read-only; pushing to {full_id!r} needs a write token")
+    if role == "fineGrained":
+        scoped = token_info.get("fineGrained", {}).get("scoped", [])
+        if not any(
+            s.get("entity", {}).get("name") == namespace and "repo.write" in s.get("permissions", []) for s in scoped
+        ):
+            raise ValueError(f"the fine-grained Hub token of {user!r} may not create repositories in {namespace!r}")
+    if namespace != user:
+        org_roles = {org.get("name"): org.get("roleInOrg") for org in me.get("orgs", [])}
+        if org_roles.get(namespace) in (None, "read"):
+            raise ValueError(f"{user!r} may not create {full_id!r}: not a member of {namespace!r} with write access")
+    return full_id
 
 
 def default_commit_message(info: dict) -> str:
@@ -141,4 +202,4 @@ def push_to_hub(
     return commit
 
 
-__all__ = ["default_commit_message", "export_files", "push_to_hub", "resolve_repo_id"]
+__all__ = ["check_push_access", "default_commit_message", "export_files", "push_to_hub", "resolve_repo_id"]

@@ -223,7 +223,9 @@ class EDM2UNet2DModel(ModelMixin, ConfigMixin):
         class_labels = torch.as_tensor(class_labels, device=device)
         if not class_labels.is_floating_point():
             class_labels = class_labels.reshape(-1)
-            if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() >= n):
+            # The range check reads tensor values, which torch.compile cannot trace (a graph break): eager only.
+            eager = not torch.compiler.is_compiling()
+            if eager and class_labels.numel() and (class_labels.min() < 0 or class_labels.max() >= n):
                 raise ValueError(
                     f"class label out of range: got values in [{int(class_labels.min())}, {int(class_labels.max())}]"
                     f" for a model with {n} classes"

@@ -38,9 +38,22 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "cache_dir": (None, str, "where `datasets` caches downloads"),
         "image_column": ("image", str, "column holding the images (latent datasets: 'latents' unless set otherwise)"),
         "label_column": (None, str, "column holding class labels (class-conditional models only)"),
-        "resolution": (None, int, "resize (shorter side) and centre-crop images to this size; null: keep as stored"),
+        "resolution": (None, int, "resize (shorter side) and crop images to this size; null: keep as stored"),
+        "center_crop": (
+            True,
+            bool,
+            "crop the middle square after resizing (default); false: a random square per image and epoch, seeded "
+            "(diffusers' RandomCrop)",
+        ),
         "random_flip": (False, bool, "random horizontal flips"),
         "max_train_samples": (None, int, "train on the first N examples only (quick tests)"),
+        "crop": (
+            None,
+            str,
+            "null: one bicubic resize of the shorter side, then the centre square | dhariwal: ADM's centre crop "
+            "(box-filter halving while the shorter side is >= 2x resolution, bicubic resize, centre square), as "
+            "NVIDIA's dataset_tool.py --transform=center-crop-dhariwal; needs data.resolution",
+        ),
     },
     "training": {
         "output_dir": (None, str, "where checkpoints, samples, logs and snapshots go"),
@@ -60,7 +73,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "P_mean": (-1.2, float, "mean of ln(sigma) in training"),
         "P_std": (1.2, float, "standard deviation of ln(sigma) in training"),
         "sigma_data": (0.5, float, "standard deviation of the data"),
-        "mixed_precision": ("no", str, "no | fp16 | bf16"),
+        "mixed_precision": (
+            None,
+            str,
+            "no | fp16 | bf16 (default: Accelerate's setting, from `accelerate config` or `accelerate launch "
+            "--mixed_precision`); the run records the precision it used",
+        ),
         "seed": (0, int, "seed of initialisation, data order, noise levels and flips"),
         "checkpointing_steps": (500, int, "save a checkpoint every N optimizer steps (0: only at the end)"),
         "checkpoints_total_limit": (None, int, "keep at most this many checkpoints"),
@@ -73,7 +91,42 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "export_pipeline": (True, bool, "at the end, export the EMA variants (ema.stds) to output_dir/pipeline"),
         "push_to_hub": (False, bool, "push the final export to the Hub repository hub_model_id"),
         "hub_model_id": (None, str, "Hub repository (USER/NAME or NAME) to push to; named in the model card"),
-        "hub_private": (False, bool, "create the Hub repository private"),
+        "hub_private_repo": (False, bool, "create the Hub repository private"),
+        "pretrained_model_name_or_path": (
+            None,
+            str,
+            "fine-tune: start from the U-Net of an exported pipeline (folder or Hub id); its model config is used",
+        ),
+        "variant": (None, str, "weight variant of pretrained_model_name_or_path's U-Net (e.g. ema0100)"),
+        "base_model": (None, str, "recorded by the run: the model it was fine-tuned from (for the model card)"),
+        "torch_compile": (
+            False,
+            bool,
+            "torch.compile the U-Net for training and the sampler of the sample grids (also on when Accelerate's "
+            "dynamo backend is set)",
+        ),
+        "compile_backend": (None, str, "torch.compile backend (default: Accelerate's dynamo backend, else inductor)"),
+        "lr_schedule": (
+            "images",
+            str,
+            "images: the rate is a function of the images seen (lr_warmup_*/lr_decay_ref_*) | epochs: set once per "
+            "epoch as edm2-multi-gpu does (lr_warmup_epochs, lr_decay_ref_epochs)",
+        ),
+        "lr_warmup_epochs": (0, int, "epochs schedule: rate lr*(ep+1)/warm in epoch ep < warm (0: no warm-up)"),
+        "lr_decay_ref_epochs": (None, int, "epochs schedule: then lr/sqrt(max(ep/t_ref, 1)); null: no decay"),
+        "drop_last": (True, bool, "drop the last partial batch of each epoch (false: train on it too)"),
+        "loss_reduction": (
+            "mean",
+            str,
+            "mean: average the loss over every element | sum_per_image: sum over each image's elements, average "
+            "over the batch (NVIDIA's EDM2 training loop)",
+        ),
+        "zero_nonfinite_grads": (
+            False,
+            bool,
+            "zero NaN/inf gradient elements before each optimizer step, with fp16 at loss scale 1 instead of a "
+            "GradScaler (NVIDIA's force_finite)",
+        ),
     },
     "sampling": {
         "num_inference_steps": (18, int, "Heun steps of the sample grids"),
@@ -87,10 +140,18 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "seed": (0, int, "seed of the grid's noise (the same every time, so progress is visible)"),
         "vae": (None, str, "latent models: AutoencoderKL (folder or Hub id) decoding grids; exports carry it"),
         "vae_subfolder": (None, str, "subfolder of sampling.vae holding the AutoencoderKL (e.g. vae)"),
+        "mixed_precision": (
+            "no",
+            str,
+            "no | fp16 | bf16: autocast of the U-Net while sampling grids on a GPU (a CPU samples in fp32)",
+        ),
     },
 }
 
 SECTIONS = ("model", "data", "training", "ema", "sampling")
+
+# Older spellings of config keys, still read from YAML files.
+ALIASES = {"training": {"hub_private": "hub_private_repo"}}
 
 # Setting one of these on the command line clears the keys it replaces, so a flag wins over a YAML value that is
 # spelled differently (e.g. --train_batch_size over the YAML's total_batch_size).
@@ -188,6 +249,7 @@ def merge_config(cfg: dict, update: dict, source: str = "config") -> dict:
             cfg["model"].update(copy.deepcopy(values))
             continue
         for key, value in values.items():
+            key = ALIASES.get(section, {}).get(key, key)
             if key not in SCHEMA[section]:
                 raise ValueError(
                     f"{source}: unknown config key '{section}.{key}'; known keys of {section!r}: "
@@ -256,8 +318,10 @@ def validate_config(cfg: dict) -> dict:
         ValueError: naming the first problem found.
     """
     data, train, samp = cfg["data"], cfg["training"], cfg["sampling"]
-    if not cfg.get("model"):
-        raise ValueError("the config has no 'model' section (EDM2UNet2DModel arguments)")
+    if not cfg.get("model") and train["pretrained_model_name_or_path"] is None:
+        raise ValueError(
+            "the config has no 'model' section (EDM2UNet2DModel arguments) and no --pretrained_model_name_or_path"
+        )
     if train["output_dir"] is None:
         raise ValueError("no output directory: pass --output_dir (or set training.output_dir)")
     sources = ("hub", "imagefolder", "latents", "sklearn_digits", "memory")
@@ -287,8 +351,9 @@ def validate_config(cfg: dict) -> dict:
         raise ValueError(f"training.learning_rate must be positive, got {train['learning_rate']}")
     if train["P_std"] <= 0 or train["sigma_data"] <= 0:
         raise ValueError("training.P_std and training.sigma_data must be positive")
-    if train["mixed_precision"] not in ("no", "fp16", "bf16"):
+    if train["mixed_precision"] not in (None, "no", "fp16", "bf16"):
         raise ValueError(f"training.mixed_precision must be no, fp16 or bf16, got {train['mixed_precision']!r}")
+    _validate_schedule_and_precision(cfg)
     if train["cpu_threads"] is not None and train["cpu_threads"] < 1:
         raise ValueError(f"training.cpu_threads must be at least 1, got {train['cpu_threads']}")
     for key in ("checkpointing_steps", "sample_every_steps", "dataloader_num_workers"):
@@ -314,6 +379,33 @@ def validate_config(cfg: dict) -> dict:
             raise ValueError("--push_to_hub needs an EMA to export, but the config disables it (ema: null)")
         resolve_repo_id(train["hub_model_id"])  # a missing or malformed id fails before training
     return cfg
+
+
+def _validate_schedule_and_precision(cfg: dict) -> None:
+    """The epoch schedule, loss reduction, crop and sampling precision options."""
+    data, train, samp = cfg["data"], cfg["training"], cfg["sampling"]
+    if train["lr_schedule"] not in ("images", "epochs"):
+        raise ValueError(f"training.lr_schedule must be images or epochs, got {train['lr_schedule']!r}")
+    image_keys = ("lr_warmup_images", "lr_warmup_steps", "lr_decay_ref_images", "lr_decay_ref_steps")
+    epoch_keys = ("lr_warmup_epochs", "lr_decay_ref_epochs")
+    for key in epoch_keys:
+        if train[key] is not None and train[key] < 0:
+            raise ValueError(f"training.{key} must not be negative, got {train[key]}")
+    unused = image_keys if train["lr_schedule"] == "epochs" else epoch_keys
+    for key in unused:
+        if train[key]:
+            raise ValueError(
+                f"training.{key} is set but training.lr_schedule is {train['lr_schedule']}, which does not read it; "
+                f"use the {'lr_*_epochs' if train['lr_schedule'] == 'epochs' else 'lr_*_images / lr_*_steps'} keys"
+            )
+    if train["loss_reduction"] not in ("mean", "sum_per_image"):
+        raise ValueError(f"training.loss_reduction must be mean or sum_per_image, got {train['loss_reduction']!r}")
+    if data["crop"] not in (None, "dhariwal"):
+        raise ValueError(f"data.crop must be null or dhariwal, got {data['crop']!r}")
+    if data["crop"] is not None and data["resolution"] is None:
+        raise ValueError("data.crop dhariwal crops to data.resolution: set it")
+    if samp["mixed_precision"] not in ("no", "fp16", "bf16"):
+        raise ValueError(f"sampling.mixed_precision must be no, fp16 or bf16, got {samp['mixed_precision']!r}")
 
 
 __all__ = [

@@ -17,14 +17,16 @@ Latent runs carry their standardization constants (``latent_info.json``) into th
 from __future__ import annotations
 
 import json
-import logging
 import os
 
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list
+
 from ..ema import PowerFunctionEMA
-from ..hub import EXPORT_INFO_NAME, export_run, push_to_hub
+from ..hub import EXPORT_INFO_NAME, check_push_access, export_run, push_to_hub
 from ..runs import PIPELINE_SUBDIR, pipeline_dir
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def check_export_target(cfg: dict, warn: bool = True) -> None:
@@ -53,6 +55,28 @@ def check_export_target(cfg: dict, warn: bool = True) -> None:
             f"{target} holds files that are not a pipeline export; the run would export into it at the end. Move "
             "them away, or pass --no-export_pipeline"
         )
+
+
+def check_push_target(cfg: dict, accelerator, token: str | None = None) -> None:
+    """Before training, with ``training.push_to_hub``: the token is valid and may write to ``hub_model_id``.
+
+    The main process asks the Hub (:func:`~edm2_diffusers.hub.check_push_access`); every process stops on a failure.
+
+    Raises:
+        ValueError: no token, a rejected token, or no write access.
+    """
+    if not cfg["training"]["push_to_hub"]:
+        return
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            repo_id = check_push_access(cfg["training"]["hub_model_id"], token)
+            logger.info("the Hub token may push to %s", repo_id)
+        except ValueError as err:
+            problem = str(err)
+    (problem,) = broadcast_object_list([problem])
+    if problem:
+        raise ValueError(f"{problem} (checked before training, nothing was written)")
 
 
 def _earlier_export_step(target: str) -> int | None:
@@ -87,7 +111,7 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
     output_dir = train_cfg["output_dir"]
     target = pipeline_dir(output_dir)
     repo_id = train_cfg["hub_model_id"]
-    private, push = train_cfg["hub_private"], train_cfg["push_to_hub"]
+    private, push = train_cfg["hub_private_repo"], train_cfg["push_to_hub"]
     try:
         if _earlier_export_step(target) == step:
             logger.info("%s already holds the export of step %d", target, step)
@@ -121,4 +145,4 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
     return target
 
 
-__all__ = ["check_export_target", "export_trained_run"]
+__all__ = ["check_export_target", "check_push_target", "export_trained_run"]

@@ -6,7 +6,8 @@ what makes a run exact and restartable:
 * every random draw of a micro-step (flips, σ, ε, dropout) comes from a seed derived from (seed, step, micro-step,
   process), and the data order of an epoch from (seed, epoch), so a run resumed from a checkpoint continues
   bit-for-bit like one that was never interrupted;
-* the learning rate is a pure function of the number of images seen (:mod:`.schedule`), not an optimizer state;
+* the learning rate is a pure function of the number of images seen, or of the step's epoch (:mod:`.schedule`), not
+  an optimizer state;
 * the step counter and data position travel in the checkpoint (:class:`TrainingState`).
 
 Latent datasets (:mod:`edm2_diffusers.data.latents`) store the VAE posterior's moments; each micro-step draws its
@@ -17,13 +18,14 @@ latents from them with the micro-step's seed, like its σ and ε. At the end the
 from __future__ import annotations
 
 import contextlib
-import logging
+import copy
 import math
 import os
 import time
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from ..data import (
@@ -38,16 +40,43 @@ from ..grids import render_sample_grid, save_png_atomic
 from ..models import EDM2UNet2DModel
 from ..pipelines import EDM2Pipeline
 from ..run_lock import RunLock
-from ..runs import SAMPLES_SUBDIR, scheduler_from_config, write_run_config, write_run_latent_info
+from ..runs import (
+    SAMPLES_SUBDIR,
+    sampling_autocast,
+    scheduler_from_config,
+    write_run_config,
+    write_run_latent_info,
+)
 from . import checkpoint as ckpt
+from .compile import CompileWatch, compile_options, compiled_sampler
 from .config import validate_config
-from .finish import check_export_target, export_trained_run
-from .loss import EDM2TrainingLoss, sample_sigma
-from .schedule import learning_rate, schedule_in_images
+from .finish import check_export_target, check_push_target, export_trained_run
+from .loss import EDM2TrainingLoss, sample_sigma, zero_nonfinite_grads_
+from .pretrained import build_unet
+from .schedule import schedule_in_images, step_learning_rate
 from .setup import batch_sizes, check_latents, flat_config, load_sampling_vae, make_accelerator
 from .state import NonFiniteLossError, TrainingResult, TrainingState, micro_step_seed
+from .trackers import log_sample_grid
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
+
+
+def train_dataloader(train_set, per_device: int, train_cfg: dict) -> torch.utils.data.DataLoader:
+    """The per-process data loader, before ``accelerator.prepare``.
+
+    With ``training.drop_last`` false an epoch ends with a partial batch, as edm2-multi-gpu's does (ceil(N / B) steps,
+    e.g. 98 of 512 on CIFAR's 50,000 images). On one process that batch is smaller; on several, Accelerate's
+    ``even_batches`` (its default) completes the last step's batches with images from the start of the epoch, so
+    every process runs the same number of equal batches (the same ceil(N / B) steps; DDP needs equal steps).
+    """
+    return torch.utils.data.DataLoader(
+        train_set,
+        batch_size=per_device,
+        shuffle=True,
+        drop_last=train_cfg.get("drop_last", True),
+        num_workers=train_cfg["dataloader_num_workers"],
+        persistent_workers=False,
+    )
 
 
 def _batch_stream(run: _Run):
@@ -119,8 +148,12 @@ class _Run:
     model: object = None
     optimizer: object = None
     max_steps: int = 0
+    step_images: int = 0  # images of the last optimizer step over all processes (smaller on a partial batch)
     state: TrainingState = field(default_factory=TrainingState)
     result: TrainingResult | None = None
+    compile_options: dict | None = None  # torch.compile arguments (None: eager)
+    compile_watch: CompileWatch = field(default_factory=CompileWatch)
+    compiled_samplers: dict = field(default_factory=dict)
 
     @property
     def main(self) -> bool:
@@ -132,7 +165,7 @@ class _Run:
 
 
 def _train(cfg: dict, dataset, hub_token: str | None, run_lock: RunLock) -> TrainingResult:
-    run = _prepare(cfg, dataset, run_lock)
+    run = _prepare(cfg, dataset, run_lock, hub_token)
     _start(run)
     if run.state.step >= run.max_steps:
         if run.main:
@@ -143,23 +176,29 @@ def _train(cfg: dict, dataset, hub_token: str | None, run_lock: RunLock) -> Trai
     progress = _progress(run.main, run.state.step, run.max_steps)
     speed = _Speed()
     while run.state.step < run.max_steps:
-        mean_loss = _optimizer_step(run, stream)
+        with _watch(run, "training"):
+            mean_loss = _optimizer_step(run, stream)
         _after_step(run, mean_loss, speed(run.global_batch), progress)
     if progress is not None:
         progress.close()
     return _finish(run, hub_token)
 
 
-def _prepare(cfg: dict, dataset, run_lock: RunLock) -> _Run:
-    """Check everything that can be checked — config, checkpoint, data, VAE, export folder — writing nothing."""
+def _prepare(cfg: dict, dataset, run_lock: RunLock, hub_token: str | None = None) -> _Run:
+    """Check everything that can be checked — config, checkpoint, data, VAE, export folder, Hub access — writing
+    nothing. ``cfg`` is copied and completed with what the run resolves (precision, compilation, pretrained model)."""
+    cfg = copy.deepcopy(cfg)
     data_cfg, train_cfg = cfg["data"], cfg["training"]
     output_dir = train_cfg["output_dir"]
     accelerator = make_accelerator(train_cfg)
+    train_cfg["mixed_precision"] = str(accelerator.mixed_precision)  # as resolved: config, flag or Accelerate's
+    options = compile_options(train_cfg)
+    train_cfg["torch_compile"], train_cfg["compile_backend"] = options is not None, options and options["backend"]
     per_device, global_batch = batch_sizes(train_cfg, accelerator.num_processes)
     run_lock.take(accelerator, create=False)  # an existing run folder: before reading its checkpoints
 
     torch.manual_seed(train_cfg["seed"])
-    unet = EDM2UNet2DModel(**cfg["model"])
+    unet = build_unet(cfg)
     resume_dir = ckpt.resolve_resume(train_cfg["resume_from_checkpoint"], output_dir)
     if resume_dir is not None:
         ckpt.check_architecture(resume_dir, unet.config)
@@ -173,20 +212,14 @@ def _prepare(cfg: dict, dataset, run_lock: RunLock) -> _Run:
     source = resolve_source(data_cfg, dataset)
     hf_dataset = load_train_dataset(data_cfg, dataset)
     resolution = check_dataset(hf_dataset, data_cfg, cfg["model"], source)
-    train_set = build_image_dataset(hf_dataset, data_cfg, cfg["model"], source, resolution)
+    train_set = build_image_dataset(hf_dataset, data_cfg, cfg["model"], source, resolution, seed=train_cfg["seed"])
     latent_info = check_latents(source, hf_dataset, output_dir, resume_dir)
     vae = load_sampling_vae(cfg["sampling"], latent_info, accelerator.device, load=accelerator.is_main_process)
     check_export_target(cfg, warn=accelerator.is_main_process)
+    check_push_target(cfg, accelerator, hub_token)
     if len(train_set) < global_batch:
         raise ValueError(f"the dataset has {len(train_set)} images, fewer than one global batch of {global_batch}")
-    dataloader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=per_device,
-        shuffle=True,
-        drop_last=True,
-        num_workers=train_cfg["dataloader_num_workers"],
-        persistent_workers=False,
-    )
+    dataloader = train_dataloader(train_set, per_device, train_cfg)
     warmup_images, decay_ref_images = schedule_in_images(train_cfg, global_batch)
     return _Run(
         cfg=cfg,
@@ -203,6 +236,7 @@ def _prepare(cfg: dict, dataset, run_lock: RunLock) -> _Run:
         vae=vae,
         warmup_images=warmup_images,
         decay_ref_images=decay_ref_images,
+        compile_options=options,
     )
 
 
@@ -211,7 +245,12 @@ def _start(run: _Run) -> None:
     cfg, train_cfg, accelerator = run.cfg, run.cfg["training"], run.accelerator
     output_dir = train_cfg["output_dir"]
     run.unet.train()
-    loss_module = EDM2TrainingLoss(run.unet, sigma_data=train_cfg["sigma_data"])
+    loss_module = EDM2TrainingLoss(
+        run.unet,
+        sigma_data=train_cfg["sigma_data"],
+        reduction=train_cfg["loss_reduction"],
+        compile_options=run.compile_options,
+    )
     optimizer = torch.optim.Adam(
         run.unet.parameters(),
         lr=train_cfg["learning_rate"],
@@ -287,10 +326,18 @@ def _log_start(run: _Run) -> None:
 
 
 def _optimizer_step(run: _Run, stream) -> float:
-    """One optimizer step: the micro-steps' losses and gradients, the learning rate of the images seen, Adam."""
+    """One optimizer step: the micro-steps' losses and gradients, the learning rate of the schedule, Adam.
+
+    In fp16 on a GPU, Accelerate scales the loss in ``accelerator.backward`` and its GradScaler skips the update of a
+    step whose gradients overflowed (and lowers the scale), as edm2-multi-gpu's ``scaler.step``. A skipped step still
+    counts, as there: the step, its images and the EMA update (of unchanged weights) go on, and the rate follows its
+    schedule. Only a non-finite loss stops the run. ``training.zero_nonfinite_grads`` instead zeroes non-finite
+    gradient elements at loss scale 1 (NVIDIA's rule; the GradScaler is then off, see ``make_accelerator``).
+    """
     train_cfg, accelerator, state = run.cfg["training"], run.accelerator, run.state
     accum = train_cfg["gradient_accumulation_steps"]
     loss_sum = torch.zeros((), device=accelerator.device)
+    num_images = torch.zeros((), device=accelerator.device)
     for micro in range(accum):
         batch = next(stream)
         torch.manual_seed(micro_step_seed(train_cfg["seed"], state.step, micro, accelerator.process_index))
@@ -306,19 +353,29 @@ def _optimizer_step(run: _Run, stream) -> float:
         with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
             loss = run.model(images, sigma, noise, batch.get("class_labels"))
             accelerator.backward(loss / accum)
-        loss_sum += loss.detach().float()
-    mean_loss = accelerator.reduce(loss_sum / accum, reduction="mean").item()
+        per_image = images[0].numel() if train_cfg["loss_reduction"] == "sum_per_image" else 1
+        loss_sum += loss.detach().float() / per_image  # logged per element, whatever the reduction
+        num_images += images.shape[0]
+    totals = accelerator.reduce(torch.stack([loss_sum / accum, num_images]), reduction="sum")
+    mean_loss = (totals[0] / accelerator.num_processes).item()
     if not math.isfinite(mean_loss):
         accelerator.end_training()
         raise NonFiniteLossError(
             f"the loss is {mean_loss} at step {state.step + 1}; training stopped. The last good checkpoint is "
             f"{run.result.last_checkpoint or '(none yet)'} and nothing was written after it"
         )
-    images_after = state.images_seen + run.global_batch
-    lr = learning_rate(images_after, train_cfg["learning_rate"], run.warmup_images, run.decay_ref_images)
+    run.step_images = round(totals[1].item())  # the real batch: a partial last batch has fewer images
+    images_after = state.images_seen + run.step_images
+    lr = step_learning_rate(
+        train_cfg, state.step, images_after, state.batches_per_epoch, run.warmup_images, run.decay_ref_images
+    )
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    if train_cfg["zero_nonfinite_grads"]:
+        zero_nonfinite_grads_(run.model)
     run.optimizer.step()
+    if accelerator.optimizer_step_was_skipped and run.main:
+        logger.info("step %d: the fp16 gradients overflowed; the GradScaler skipped the update", state.step + 1)
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.images_seen = images_after
@@ -332,7 +389,7 @@ def _after_step(run: _Run, mean_loss: float, rate: float, progress) -> None:
     final = step == run.max_steps
     lr = run.optimizer.param_groups[0]["lr"]
     if run.ema is not None:
-        run.ema.update(cur_nimg=state.images_seen, batch_size=run.global_batch)
+        run.ema.update(cur_nimg=state.images_seen, batch_size=run.step_images)
         run.ema.after_step(output_dir, step=step, nimg=state.images_seen, final=final)
     if train_cfg["report_to"] != "none":
         logs = {"loss": mean_loss, "lr": lr, "images_seen": state.images_seen, "images_per_sec": rate}
@@ -358,6 +415,8 @@ def _save_checkpoint(run: _Run) -> None:
         "batch_in_epoch": batch,
         "num_processes": accelerator.num_processes,
         "global_batch_size": run.global_batch,
+        "mixed_precision": train_cfg["mixed_precision"],
+        "torch_compile": train_cfg["torch_compile"],
     }
     run.result.last_checkpoint = ckpt.save_checkpoint(
         accelerator, output_dir, state.step, dict(run.unet.config), summary, ema=run.ema
@@ -374,6 +433,8 @@ def _finish(run: _Run, hub_token: str | None) -> TrainingResult:
     result, state = run.result, run.state
     result.step, result.images_seen = state.step, state.images_seen
     result.is_main_process = run.main
+    if run.compile_options is not None:
+        result.compile_stats = run.compile_watch.report()
     if run.main:
         logger.info(
             "done: %d steps, %d images seen; last checkpoint %s", state.step, state.images_seen, result.last_checkpoint
@@ -406,17 +467,26 @@ def _write_samples(run: _Run, step: int) -> str:
     net = run.ema.averaged_models()[0][1] if run.ema is not None else run.unet
     was_training = net.training
     latent_kwargs = run.standardizer.pipeline_kwargs() if run.standardizer is not None else {}
-    pipe = EDM2Pipeline(unet=net, scheduler=scheduler_from_config(cfg), vae=run.vae, **latent_kwargs)
+    sampler = compiled_sampler(net, run.compile_options, run.compiled_samplers)
+    pipe = EDM2Pipeline(unet=sampler, scheduler=scheduler_from_config(cfg), vae=run.vae, **latent_kwargs)
     try:
-        image = render_sample_grid(
-            pipe, sampling["grid_rows"], sampling["grid_cols"], sampling["num_inference_steps"], sampling["seed"]
-        )
+        with sampling_autocast(cfg, run.accelerator.device), _watch(run, "sampling"):
+            image = render_sample_grid(
+                pipe, sampling["grid_rows"], sampling["grid_cols"], sampling["num_inference_steps"], sampling["seed"]
+            )
     finally:
         net.train(was_training)
     path = os.path.join(cfg["training"]["output_dir"], SAMPLES_SUBDIR, f"step-{step:07d}.png")
     save_png_atomic(image, path)
     logger.info("sample grid: %s", path)
+    if cfg["training"]["report_to"] != "none":
+        log_sample_grid(run.accelerator, image, step)
     return path
+
+
+def _watch(run: _Run, phase: str):
+    """Count compiled graphs of a training step or a sample grid (a no-op for eager runs)."""
+    return run.compile_watch.count(phase) if run.compile_options is not None else contextlib.nullcontext()
 
 
 __all__ = ["NonFiniteLossError", "TrainingResult", "TrainingState", "micro_step_seed", "train"]

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, GradScalerKwargs, ProjectConfiguration
 
 from ..data import read_latent_info
 from ..distributed import cpu_process_group
 from ..latents import load_vae
 from ..runs import read_run_latent_info
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def flat_config(cfg: dict, prefix: str = "") -> dict:
@@ -31,17 +31,34 @@ def flat_config(cfg: dict, prefix: str = "") -> dict:
 
 
 def make_accelerator(train_cfg: dict):
+    """The run's Accelerator; ``training.mixed_precision`` unset (``None``) leaves the precision to Accelerate.
+
+    Accelerate's own precision comes from ``accelerate config`` or ``accelerate launch --mixed_precision`` (through
+    ``ACCELERATE_MIXED_PRECISION``); a value in the YAML or from ``--mixed_precision`` wins over it. Accelerate never
+    compiles here: :mod:`.compile` does, honouring Accelerate's dynamo setting.
+    """
     output_dir = train_cfg["output_dir"]
     report_to = train_cfg["report_to"]
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu_process_group(),
         mixed_precision=train_cfg["mixed_precision"],
+        dynamo_backend="no",
         log_with=None if report_to == "none" else report_to,
         project_config=ProjectConfiguration(
             project_dir=output_dir, logging_dir=os.path.join(output_dir, train_cfg["logging_dir"])
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg["seed"]),
+        # NVIDIA's fp16 recipe: loss scale 1 and non-finite gradients zeroed, instead of a dynamic GradScaler
+        kwargs_handlers=[GradScalerKwargs(enabled=not train_cfg.get("zero_nonfinite_grads", False))],
     )
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if train_cfg["mixed_precision"] is not None and launcher and launcher != train_cfg["mixed_precision"]:
+        logger.warning(
+            "training.mixed_precision %r (config or --mixed_precision) overrides Accelerate's %r",
+            train_cfg["mixed_precision"],
+            launcher,
+        )
+    return accelerator
 
 
 def batch_sizes(train_cfg: dict, num_processes: int) -> tuple[int, int]:

@@ -50,6 +50,8 @@ class TrainingResult:
         sample_grids (`list[str]`): sample grid PNGs written by this call.
         pipeline_dir (`str`, *optional*): the exported pipeline (``output_dir/pipeline``; main process only).
         is_main_process (`bool`): whether this process is the main one (the one that exports).
+        compile_stats (`dict`, *optional*): compiled runs: graphs compiled by the first training step and the first
+            sample grid, and the recompilations after them (:class:`~edm2_diffusers.training.compile.CompileWatch`).
     """
 
     unet: EDM2UNet2DModel
@@ -61,6 +63,7 @@ class TrainingResult:
     sample_grids: list[str] = field(default_factory=list)
     pipeline_dir: str | None = None
     is_main_process: bool = True
+    compile_stats: dict | None = None
 
 
 def micro_step_seed(seed: int, step: int, micro: int, process: int) -> int:
