@@ -6,4 +6,7 @@ from .models import EDM2UNet2DModel, EDM2UNet2DOutput
 from .pipelines import EDM2Pipeline
 from .schedulers import EDMHeunScheduler
 
+# EDM2Pipeline.from_pretrained / save_pretrained / push_to_hub look this module up (see pipelines/pipeline_edm2.py).
+from .hub import pipeline_io  # noqa: F401  isort: skip
+
 __all__ = ["EDM2UNet2DModel", "EDM2UNet2DOutput", "EDM2Pipeline", "EDMHeunScheduler"]

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Export post-hoc EMA variants of a training run as diffusers pipelines (and push them to the Hub).
+"""Export post-hoc EMA variants of a training run as one diffusers pipeline (and push it to the Hub).
 
     python examples/export_pipeline.py --run_dir runs/digits --stds 0.05,0.10 --output_dir exports/digits
     python examples/export_pipeline.py --run_dir runs/digits --stds best --output_dir exports/digits \\
         --push_to_hub --hub_model_id USER/edm2-digits
 
-The first std is the root pipeline, each further one a complete pipeline in ``ema-<std>/``. Every variant loads with
-``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``, also where edm2-diffusers is not installed.
+Each std's U-Net is a diffusers weight variant (``ema0050`` for 0.050), the first std also the default weights; a
+variant loads with ``DiffusionPipeline.from_pretrained(folder, variant="ema0100", trust_remote_code=True)``, also where
+edm2-diffusers is not installed, or ``EDM2Pipeline.from_pretrained(folder, variant="ema0100")`` with it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import sys
 
 from edm2_diffusers.files import DiskFullError
-from edm2_diffusers.hub import export_pipelines, push_to_hub, resolve_repo_id
+from edm2_diffusers.hub import export_run
 from edm2_diffusers.run_lock import FolderLockedError
 
 
@@ -50,32 +51,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    repo_id = resolve_repo_id(args.hub_model_id) if args.push_to_hub else args.hub_model_id  # fail before exporting
-    result = export_pipelines(
+    result = export_run(
         args.run_dir,
-        args.stds,
         args.output_dir,
+        args.stds,
+        push_to_hub=args.push_to_hub,
+        hub_model_id=args.hub_model_id,
+        private=args.hub_private_repo,
+        token=args.hub_token,
+        commit_message=args.commit_message,
         step=args.step,
+        sweep_dir=args.sweep_dir,
         overwrite=args.overwrite,
         license=args.license,
         sample_grid=not args.no_sample_grid,
         num_inference_steps=args.num_inference_steps,
-        sweep_dir=args.sweep_dir,
-        repo_id=repo_id,
         model_name=args.model_name,
         dataset=args.dataset,
     )
-    for std, folder in result.variants:
-        print(f"EMA std {std:.3f}: {folder}")
-    if args.push_to_hub:
-        commit = push_to_hub(
-            result.output_dir,
-            repo_id,
-            private=args.hub_private_repo,
-            token=args.hub_token,
-            commit_message=args.commit_message,
-        )
-        print(f"pushed to {getattr(commit, 'commit_url', repo_id)}")
+    for std, variant in result.variants:
+        print(f"EMA std {std:.3f}: variant {variant}")
+    if result.commit is not None:
+        print(f"pushed to {getattr(result.commit, 'commit_url', args.hub_model_id)}")
     return result
 
 

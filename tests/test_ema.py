@@ -617,8 +617,8 @@ def test_cli_refuses_stds_whose_folders_collide_before_writing(run, tmp_path):
     with pytest.raises(ValueError, match=r"0\.0801 and 0\.0804 share the folder ema-0\.080"):
         cli.main(["--run_dir", run["run_dir"], "--stds", "0.0801,0.0804", "--output_dir", str(out)])
     assert not out.exists()
-    # The pipeline export refuses the same names with the same check.
-    with pytest.raises(ValueError, match="share the folder ema-0.080"):
+    # The pipeline export refuses them too: they would share one weight variant name.
+    with pytest.raises(ValueError, match="0.0801 and 0.0804 share the variant name ema0080"):
         export_pipelines(run["run_dir"], "0.0801,0.0804", tmp_path / "export")
     assert not (tmp_path / "export").exists()
 

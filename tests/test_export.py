@@ -22,13 +22,15 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_unet_config
-from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
+from huggingface_hub import CommitInfo, CommitOperationDelete, HfApi, ModelCard, RepoUrl
 from safetensors.torch import load_file
 
-from edm2_diffusers import EDM2UNet2DModel
+import edm2_diffusers
+from edm2_diffusers import EDM2Pipeline, EDM2UNet2DModel
 from edm2_diffusers.ema import reconstruct
 from edm2_diffusers.hub import (
     BundleError,
+    build_model_card,
     bundle_module,
     check_export,
     export_pipelines,
@@ -37,7 +39,9 @@ from edm2_diffusers.hub import (
     push_to_hub,
     read_export_info,
     template_text,
+    variant_name,
 )
+from edm2_diffusers.hub.model_card import card_sha256
 from edm2_diffusers.hub.push import export_files
 from edm2_diffusers.training import load_config, train
 
@@ -95,7 +99,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 # Layout and weights.
 
 
-ROOT_PIPELINE_FILES = {
+PIPELINE_FILES = {
     "model_index.json",
     "pipeline_edm2.py",
     "unet/config.json",
@@ -104,31 +108,46 @@ ROOT_PIPELINE_FILES = {
     "scheduler/scheduler_config.json",
     "scheduler/scheduling_edm_heun.py",
 }
+VARIANT_FILES = {f"unet/diffusion_pytorch_model.{v}.safetensors" for v in ("ema0050", "ema0100")}
 
 
-def test_export_layout_holds_only_safetensors_weights_and_a_card(export_dir):
-    expected = ROOT_PIPELINE_FILES | {"README.md", "samples.png", "export_info.json"}
-    expected |= {f"ema-0.100/{f}" for f in ROOT_PIPELINE_FILES}
+def test_export_is_one_pipeline_with_weight_variants(export_dir):
+    expected = PIPELINE_FILES | VARIANT_FILES | {"README.md", "samples.png", "export_info.json"}
     assert all_files(export_dir) == expected
-    assert check_export(export_dir) == [export_dir, export_dir / "ema-0.100"]
-    for folder in (export_dir, export_dir / "ema-0.100"):
-        index = json.loads((folder / "model_index.json").read_text())
-        assert index["_class_name"] == ["pipeline_edm2", "EDM2Pipeline"]
-        assert index["unet"] == ["unet_edm2", "EDM2UNet2DModel"]
-        assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
-    root_index = json.loads((export_dir / "model_index.json").read_text())
-    assert root_index["_ignore_files"] == sorted(f"ema-0.100/{f}" for f in ROOT_PIPELINE_FILES)
+    assert check_export(export_dir) == [export_dir]
+    index = json.loads((export_dir / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_edm2", "EDM2Pipeline"]
+    assert index["unet"] == ["unet_edm2", "EDM2UNet2DModel"]
+    assert index["scheduler"] == ["scheduling_edm_heun", "EDMHeunScheduler"]
+    assert "_ignore_files" not in index
+    assert index["default_num_inference_steps"] == STEPS  # the run's sampler steps, a call's default
 
 
 def test_exported_weights_are_the_posthoc_reconstructions(run_dir, export_dir):
     rec = reconstruct(str(run_dir), [0.05, 0.10])
-    root = load_file(str(export_dir / "unet/diffusion_pytorch_model.safetensors"))
-    other = load_file(str(export_dir / "ema-0.100/unet/diffusion_pytorch_model.safetensors"))
-    for saved, state in ((root, rec.state_dicts[0]), (other, rec.state_dicts[1])):
+    unet = export_dir / "unet"
+    default = load_file(str(unet / "diffusion_pytorch_model.safetensors"))
+    by_variant = {v: load_file(str(unet / f"diffusion_pytorch_model.{v}.safetensors")) for v in ("ema0050", "ema0100")}
+    for saved, state in ((default, rec.state_dicts[0]), (by_variant["ema0050"], rec.state_dicts[0])):
         assert saved.keys() == state.keys()
         for k in state:
             torch.testing.assert_close(saved[k], state[k].to(saved[k].dtype), rtol=0, atol=0)
-    assert any(not torch.equal(root[k], other[k]) for k in root), "the two EMA lengths must give different weights"
+    for k in rec.state_dicts[1]:
+        torch.testing.assert_close(by_variant["ema0100"][k], rec.state_dicts[1][k], rtol=0, atol=0)
+    assert any(not torch.equal(default[k], by_variant["ema0100"][k]) for k in default), "EMA lengths must differ"
+
+
+@pytest.mark.parametrize(
+    "std, name", [(0.05, "ema0050"), (0.1, "ema0100"), (0.015, "ema0015"), (0.2, "ema0200"), (0.0504, "ema0050")]
+)
+def test_variant_names_are_fixed_width_without_dots(std, name):
+    assert variant_name(std) == name
+
+
+def test_stds_sharing_a_variant_name_are_refused(run_dir, tmp_path):
+    with pytest.raises(ValueError, match="share the variant name ema0050"):
+        export_pipelines(run_dir, [0.05, 0.0501], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_scheduler_carries_the_run_sampling_settings(export_dir):
@@ -137,7 +156,7 @@ def test_scheduler_carries_the_run_sampling_settings(export_dir):
     assert (cfg["sigma_min"], cfg["sigma_max"], cfg["rho"], cfg["sigma_data"]) == (0.002, 80.0, 7.0, 0.5)
     info = read_export_info(export_dir)
     assert info["sampling"]["num_inference_steps"] == STEPS
-    assert [(v["std"], v["folder"]) for v in info["variants"]] == [(0.05, "."), (0.10, "ema-0.100")]
+    assert [(v["std"], v["variant"]) for v in info["variants"]] == [(0.05, "ema0050"), (0.10, "ema0100")]
 
 
 def test_custom_code_is_generated_from_the_package_sources(export_dir):
@@ -147,7 +166,6 @@ def test_custom_code_is_generated_from_the_package_sources(export_dir):
         ("pipeline_edm2.py", "edm2_diffusers.pipelines.pipeline_edm2"),
     ):
         code = (export_dir / rel).read_text()
-        assert code == (export_dir / "ema-0.100" / rel).read_text()
         # Same body as a fresh bundle of the installed modules (the header names the bundled modules).
         fresh = bundle_module(module)
         assert code.endswith(fresh.split("\n", 1)[1]), f"{rel} differs from the package's {module}"
@@ -163,6 +181,8 @@ RUNNER = r"""
 import json, pathlib, shutil, sys, types
 
 spec = json.loads(pathlib.Path(sys.argv[1]).read_text())
+if not spec["block"]:
+    sys.path.insert(0, spec["package_root"])  # the package under test, not another installed copy
 if spec["block"]:
     sys.modules["edm2_diffusers"] = None  # any `import edm2_diffusers[...]` now raises ImportError
     try:
@@ -237,33 +257,47 @@ def sample(pipe):
     return pipe(batch_size=2, num_inference_steps=spec["steps"], generator=gen, output_type="np").images
 
 
+def downloads(load):
+    hub.downloaded = []
+    pipe = load()
+    return pipe, sorted(set(hub.downloaded))
+
+
 for variant in spec["variants"]:
-    folder = str(pathlib.Path(spec["export"], variant))
-    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
-    report["variants"][variant] = [type(pipe).__name__, type(pipe).__module__, type(pipe.unet).__module__]
-    arrays[variant] = sample(pipe)
+    key = variant or "default"
+    pipe = DiffusionPipeline.from_pretrained(spec["export"], variant=variant, trust_remote_code=True)
+    report["variants"][key] = [type(pipe).__name__, type(pipe).__module__, type(pipe.unet).__module__]
+    arrays[key] = sample(pipe)
+    # From the (faked) Hub repository: only this variant's U-Net weights are fetched.
+    pipe, report["hub_downloaded:" + key] = downloads(
+        lambda: DiffusionPipeline.from_pretrained(spec["repo_id"], variant=variant, trust_remote_code=True)
+    )
+    arrays["hub:" + key] = sample(pipe)
     if not spec["block"]:
+        import edm2_diffusers
         from edm2_diffusers import EDM2Pipeline
+
+        assert edm2_diffusers.__file__.startswith(spec["package_root"]), edm2_diffusers.__file__
         from edm2_diffusers.hub import load_pipeline
 
-        pkg = load_pipeline(spec["export"], subfolder=variant)
-        assert isinstance(pkg, EDM2Pipeline)
-        arrays["package:" + variant] = sample(pkg)
+        pkg = EDM2Pipeline.from_pretrained(spec["export"], variant=variant)
+        assert type(pkg) is EDM2Pipeline and type(pkg.unet) is edm2_diffusers.EDM2UNet2DModel
+        arrays["package:" + key] = sample(pkg)
+        pkg, report["hub_package_downloaded:" + key] = downloads(
+            lambda: EDM2Pipeline.from_pretrained(spec["repo_id"], variant=variant, torch_dtype=torch.float32)
+        )
+        arrays["hub-package:" + key] = sample(pkg)
+        arrays["load_pipeline:" + key] = sample(load_pipeline(spec["repo_id"], variant=variant, dtype=torch.float32))
         try:
-            DiffusionPipeline.from_pretrained(folder)
+            DiffusionPipeline.from_pretrained(spec["export"], variant=variant)
         except ValueError as err:
             report["without_trust"] = str(err)
-
-# The root variant straight from the (faked) Hub repository.
-hub.downloaded = []
-pipe = DiffusionPipeline.from_pretrained(spec["repo_id"], trust_remote_code=True)
-report["hub_root_downloaded"] = sorted(set(hub.downloaded))
-arrays["hub:."] = sample(pipe)
-if not spec["block"]:
-    # A variant from the Hub with the package's classes: configs and weights only, no code files.
-    hub.downloaded = []
-    arrays["hub-package:ema-0.100"] = sample(load_pipeline(spec["repo_id"], subfolder="ema-0.100"))
-    report["hub_package_downloaded"] = sorted(set(hub.downloaded))
+if spec["block"]:
+    # Without the package, the remote-code pipeline saves its own standalone code: the folder loads again.
+    resaved = pathlib.Path(spec["tmp"]) / "resaved"
+    pipe.save_pretrained(resaved)
+    report["resaved_files"] = sorted(p.relative_to(resaved).as_posix() for p in resaved.rglob("*") if p.is_file())
+    arrays["resaved"] = sample(DiffusionPipeline.from_pretrained(str(resaved), trust_remote_code=True))
 np.savez(spec["arrays"], **arrays)
 pathlib.Path(spec["report"]).write_text(json.dumps(report))
 """
@@ -280,14 +314,15 @@ def card_snippets(readme: str) -> dict[str, str]:
     return out
 
 
-def run_loader(export_dir: Path, tmp: Path, block: bool, snippets: dict[str, str]):
+def run_loader(export_dir: Path, tmp: Path, block: bool, snippets: dict[str, str], variants=(None, "ema0100")):
     tmp.mkdir()
     spec = {
         "block": block,
+        "package_root": str(Path(edm2_diffusers.__file__).resolve().parents[1]),
         "export": str(export_dir),
         "repo_id": read_export_info(export_dir)["repo_id"],
         "tmp": str(tmp),
-        "variants": [".", "ema-0.100"],
+        "variants": list(variants),
         "steps": STEPS,
         "snippets": snippets,
         "arrays": str(tmp / "arrays.npz"),
@@ -315,15 +350,27 @@ def run_loader(export_dir: Path, tmp: Path, block: bool, snippets: dict[str, str
 
 @pytest.fixture(scope="module")
 def reference_images(export_dir):
-    """Samples of each variant from the package's classes in this process."""
+    """Samples of the default weights and of a variant from the package's classes in this process."""
     out = {}
-    for variant in (".", "ema-0.100"):
-        pipe = load_pipeline(export_dir, subfolder=variant)
+    for variant in (None, "ema0050", "ema0100"):
+        pipe = load_pipeline(export_dir, variant=variant)
         pipe.set_progress_bar_config(disable=True)
         gen = torch.Generator().manual_seed(0)
-        out[variant] = pipe(batch_size=2, num_inference_steps=STEPS, generator=gen, output_type="np").images
-    assert not np.allclose(out["."], out["ema-0.100"])
+        out[variant or "default"] = pipe(
+            batch_size=2, num_inference_steps=STEPS, generator=gen, output_type="np"
+        ).images
+    np.testing.assert_array_equal(out["default"], out["ema0050"])
+    assert not np.allclose(out["default"], out["ema0100"])
     return out
+
+
+CODE_FILES = {"pipeline_edm2.py", "unet/unet_edm2.py", "scheduler/scheduling_edm_heun.py"}
+CONFIG_FILES = {"model_index.json", "unet/config.json", "scheduler/scheduler_config.json"}
+
+
+def expected_downloads(variant: str | None, code: bool) -> list[str]:
+    weights = "unet/diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
+    return sorted(CONFIG_FILES | {weights} | (CODE_FILES if code else set()))
 
 
 def test_every_variant_loads_and_samples_without_the_package(export_dir, reference_images, tmp_path):
@@ -331,20 +378,23 @@ def test_every_variant_loads_and_samples_without_the_package(export_dir, referen
     # The card's snippets as written, against the (faked) Hub repository they name.
     hub_snippets = {k: snippets[k] for k in ("root", "variant")}
     report, arrays = run_loader(export_dir, tmp_path / "blocked", block=True, snippets=hub_snippets)
-    for variant in (".", "ema-0.100"):
-        name, module, unet_module = report["variants"][variant]
+    for key in ("default", "ema0100"):
+        name, module, unet_module = report["variants"][key]
         assert name == "EDM2Pipeline" and module.startswith("diffusers_modules.")
         assert unet_module.startswith("diffusers_modules.")
-        np.testing.assert_allclose(arrays[variant], reference_images[variant], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(arrays["hub:."], reference_images["."], rtol=0, atol=1e-6)
-    # From the Hub, the root pipeline downloads its own files only, not the other variants' weights (the snippet
-    # runs first, on an empty cache; the later load finds most files cached).
-    assert report["snippets"]["root:downloaded"] == sorted(ROOT_PIPELINE_FILES)
-    assert set(report["hub_root_downloaded"]) <= ROOT_PIPELINE_FILES
-    assert report["snippets"]["variant:downloaded"] == sorted(f"ema-0.100/{f}" for f in ROOT_PIPELINE_FILES)
+        np.testing.assert_allclose(arrays[key], reference_images[key], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(arrays["hub:" + key], reference_images[key], rtol=0, atol=1e-6)
+    # From the Hub each load fetches the code, the configs and exactly one U-Net weights file (the snippets run
+    # first, on an empty cache; the later loads of the same files find them cached).
+    assert report["snippets"]["root:downloaded"] == expected_downloads(None, code=True)
+    assert report["snippets"]["variant:downloaded"] == expected_downloads("ema0100", code=True)
+    for key in ("default", "ema0100"):
+        assert set(report["hub_downloaded:" + key]) <= set(expected_downloads(None if key == "default" else key, True))
     assert report["snippets"]["root"] == ["EDM2Pipeline", 4, "Image"]
     assert report["snippets"]["variant"] == ["EDM2Pipeline", 4, "Image"]
     assert (tmp_path / "blocked" / "edm2_sample.png").is_file()
+    assert set(report["resaved_files"]) == PIPELINE_FILES
+    np.testing.assert_allclose(arrays["resaved"], reference_images["ema0100"], rtol=0, atol=1e-6)
 
 
 def test_every_variant_loads_and_samples_with_the_package(export_dir, reference_images, tmp_path):
@@ -352,23 +402,94 @@ def test_every_variant_loads_and_samples_with_the_package(export_dir, reference_
     repo_id = read_export_info(export_dir)["repo_id"]
     snippets = card_snippets(readme)
     assert set(snippets) == {"root", "variant", "package"}
-    # The snippets with the local export path substituted for the repository id (the variant one keeps the Hub).
-    runnable = {
-        "root": snippets["root"].replace(repo_id, str(export_dir)),
-        "variant": snippets["variant"],
-        "package": snippets["package"].replace(repo_id, str(export_dir)),
-    }
+    assert 'EDM2Pipeline.from_pretrained("someone/digits-edm2", variant="ema0100")' in snippets["package"]
+    # The package snippet first, on an empty cache: no code file is fetched, only that variant's weights.
+    runnable = {"package": snippets["package"], "root": snippets["root"].replace(repo_id, str(export_dir))}
     report, arrays = run_loader(export_dir, tmp_path / "installed", block=False, snippets=runnable)
-    for variant in (".", "ema-0.100"):
-        assert report["variants"][variant][0] == "EDM2Pipeline"
-        np.testing.assert_allclose(arrays[variant], reference_images[variant], rtol=0, atol=1e-6)
-        np.testing.assert_allclose(arrays["package:" + variant], reference_images[variant], rtol=0, atol=1e-6)
     assert report["snippets"]["package"] == ["EDM2Pipeline", 4, "Image"]
-    np.testing.assert_allclose(arrays["hub-package:ema-0.100"], reference_images["ema-0.100"], rtol=0, atol=1e-6)
-    assert report["hub_package_downloaded"] == sorted(
-        f"ema-0.100/{f}" for f in ROOT_PIPELINE_FILES if not f.endswith(".py")
-    )
+    assert report["snippets"]["package:downloaded"] == expected_downloads("ema0100", code=False)
+    for key in ("default", "ema0100"):
+        assert report["variants"][key][0] == "EDM2Pipeline"
+        for prefix in ("", "package:", "hub-package:", "load_pipeline:"):
+            np.testing.assert_allclose(arrays[prefix + key], reference_images[key], rtol=0, atol=1e-6)
+    assert report["hub_package_downloaded:default"] == expected_downloads(None, code=False)
     assert "trust_remote_code" in report["without_trust"]
+
+
+def test_subfolder_is_never_ignored(export_dir):
+    with pytest.raises(FileNotFoundError, match="pass variant="):
+        load_pipeline(export_dir, subfolder="ema-0.100")
+    with pytest.raises(FileNotFoundError, match="pass variant="):
+        EDM2Pipeline.from_pretrained(export_dir, subfolder="ema-0.100")
+    with pytest.raises(ValueError, match=r"no weight variant 'ema0150' \(its variants: ema0050, ema0100\)"):
+        EDM2Pipeline.from_pretrained(export_dir, variant="ema0150")
+    with pytest.raises(ValueError, match="disagree"):
+        load_pipeline(export_dir, torch_dtype=torch.float16, dtype=torch.float32)
+    pipe = load_pipeline(export_dir, variant="ema0100", dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EDM2Pipeline.save_pretrained / push_to_hub round trips.
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def check_saved(folder: Path, pipe, reference, tmp: Path) -> None:
+    """``folder`` is an export: bundled code, card, info; both loaders give ``pipe``'s weights and samples."""
+    assert PIPELINE_FILES | {"README.md", "export_info.json"} == all_files(folder)
+    check_export(folder)
+    info = read_export_info(folder)
+    assert info["variants"] == [{"std": None, "variant": None, "metrics": {}}]
+    assert ModelCard.load(folder / "README.md").data.library_name == "diffusers"
+    again = EDM2Pipeline.from_pretrained(folder)
+    assert type(again) is EDM2Pipeline and same_weights(again.unet, pipe.unet)
+    report, arrays = run_loader(folder, tmp, block=True, snippets={}, variants=[None])
+    assert report["variants"]["default"][1].startswith("diffusers_modules.")
+    np.testing.assert_allclose(arrays["default"], reference, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(arrays["resaved"], reference, rtol=0, atol=1e-6)
+
+
+def test_save_pretrained_round_trip_of_a_trained_pipeline(export_dir, reference_images, tmp_path):
+    pipe = EDM2Pipeline.from_pretrained(export_dir, variant="ema0100")
+    pipe.save_pretrained(tmp_path / "saved")
+    check_saved(tmp_path / "saved", pipe, reference_images["ema0100"], tmp_path / "load")
+    info = read_export_info(tmp_path / "saved")
+    assert info["run"] == read_export_info(export_dir)["run"] and info["origin"] == {"name_or_path": str(export_dir)}
+    for rel in CODE_FILES:
+        assert (tmp_path / "saved" / rel).read_text() == (export_dir / rel).read_text()
+
+
+def test_save_pretrained_round_trip_of_a_remote_code_pipeline(export_dir, reference_images, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(export_dir, variant="ema0100", trust_remote_code=True)
+    assert type(pipe).__module__.startswith("diffusers_modules.") and not isinstance(pipe, EDM2Pipeline)
+    pipe.save_pretrained(tmp_path / "saved")
+    check_saved(tmp_path / "saved", pipe, reference_images["ema0100"], tmp_path / "load")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_edm2", "EDM2Pipeline"] and index["unet"] == [
+        "unet_edm2",
+        "EDM2UNet2DModel",
+    ]
+    for rel in CODE_FILES:  # the code it was loaded from, copied as it is
+        assert (tmp_path / "saved" / rel).read_text() == (export_dir / rel).read_text()
+
+
+def test_pipeline_push_to_hub_writes_the_export_layout(export_dir, tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    pipe = EDM2Pipeline.from_pretrained(export_dir, variant="ema0100")
+    pipe.push_to_hub("alice/pushed", private=True)
+    (sent,) = hub.commits
+    assert set(sent["files"]) == PIPELINE_FILES | {"README.md", "export_info.json"}
+    assert hub.repos[0]["private"] is True
+    card = ModelCard(sent["files"]["README.md"].decode())
+    assert 'EDM2Pipeline.from_pretrained("alice/pushed")' in card.text
+    weights = sent["files"]["unet/diffusion_pytorch_model.safetensors"]
+    assert weights == (export_dir / "unet/diffusion_pytorch_model.ema0100.safetensors").read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,12 +510,27 @@ def test_model_card_metadata_and_content(run_dir, export_dir):
     assert f"| parameters | {n_params:,} " in text
     assert f"| training images seen | {rec.nimg:,} |" in text and f"| optimizer steps | {rec.step:,} |" in text
     assert "EDM2 Config G" in text
-    assert "| 0.050 | `(root)` |" in text and "| 0.100 | `ema-0.100/` |" in text
+    assert "| 0.050 | `ema0050` (default) |" in text and "| 0.100 | `ema0100` |" in text
     assert f"| steps N (`num_inference_steps`) | {STEPS} ({2 * STEPS - 1} network evaluations) |" in text
-    assert "![Samples of the root variant](samples.png)" in text
+    assert "![Samples of the default weights](samples.png)" in text
     assert "Analyzing and Improving the Training Dynamics of Diffusion Models" in text and "CVPR" in text
     assert "scikit-learn digits" in text
     assert '"someone/digits-edm2"' in text
+
+
+def test_card_metadata_of_a_fine_tune_on_a_hub_dataset(export_dir):
+    info = read_export_info(export_dir)
+    info["base_model"] = "alice/edm2-digits-base"
+    info["dataset"] = {"name": "alice/digits", "text": "[alice/digits](https://huggingface.co/datasets/alice/digits)"}
+    info["variants"][1]["metrics"] = {"fid": 7.25}
+    card = ModelCard(str(build_model_card(info)))
+    assert card.data.base_model == "alice/edm2-digits-base" and card.data.base_model_relation == "finetune"
+    assert card.data.datasets == ["alice/digits"] and card.data.metrics == ["fid"]
+    (result,) = card.data.eval_results
+    assert (result.dataset_type, result.metric_type, result.metric_value) == ("alice/digits", "fid", 7.25)
+    assert result.metric_config == "ema0100" and "fine-tuned from [`alice/edm2-digits-base`]" in card.text
+    plain = ModelCard(str(build_model_card(read_export_info(export_dir))))
+    assert plain.data.base_model is None and plain.data.datasets is None and plain.data.eval_results is None
 
 
 def test_sample_grid_shape(export_dir):
@@ -443,10 +579,14 @@ def test_stds_best_reads_the_real_ema_sweep(run_dir, tmp_path):
     assert [s for s, _ in result.variants] == [sweep.best_std, other]
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.metrics == ["fd"]
-    assert "| EMA std σ_rel | folder | FD |" in card.text
+    assert "| EMA std σ_rel | variant | FD |" in card.text
     for row in sweep.rows:
-        folder = "`(root)`" if row["std"] == sweep.best_std else f"`ema-{row['std']:.3f}/`"
-        assert f"| {row['std']:.3f} | {folder} | {row['fd']:.4g} |" in card.text
+        name = f"`{variant_name(row['std'])}`" + (" (default)" if row["std"] == sweep.best_std else "")
+        assert f"| {row['std']:.3f} | {name} | {row['fd']:.4g} |" in card.text
+    # The model-index results: each variant's digits Fréchet distance, read back by huggingface_hub.
+    results = {(r.metric_type, r.metric_config): r.metric_value for r in card.data.eval_results}
+    assert results == {("fd", variant_name(row["std"])): row["fd"] for row in sweep.rows}
+    assert {r.task_type for r in card.data.eval_results} == {"unconditional-image-generation"}
     assert "8 generated images" in card.text and "toy features" in card.text
 
 
@@ -467,22 +607,35 @@ def test_sweep_metrics_only_for_the_step_they_were_measured_at(run_dir, tmp_path
     assert [s for s, _ in result.variants] == [0.08, 0.05]
     card = ModelCard.load(out / "README.md")
     assert card.data.metrics == ["fid"]
-    assert "| EMA std σ_rel | folder | FID | confident share |" in card.text
-    assert "| 0.080 | `(root)` | 12.5 | 0.95 |" in card.text and "| 0.050 | `ema-0.050/` | 14 | 0.9 |" in card.text
+    assert "| EMA std σ_rel | variant | FID | confident share |" in card.text
+    assert "| 0.080 | `ema0080` (default) | 12.5 | 0.95 |" in card.text
+    assert "| 0.050 | `ema0050` | 14 | 0.9 |" in card.text
+    fid = [(r.metric_config, r.metric_value, r.metric_name) for r in card.data.eval_results]
+    assert fid == [("ema0080", 12.5, "FID (EMA std 0.080)"), ("ema0050", 14.0, "FID (EMA std 0.050)")]
     assert "50,000 generated images, 32 sampler steps, inception features" in card.text
     assert not (out / "samples.png").exists() and "samples.png" not in card.text
 
     export_pipelines(run_dir, "best", tmp_path / "at3", step=3, sweep_dir=sweep / "best.json", sample_grid=False)
     card = ModelCard.load(tmp_path / "at3" / "README.md")
-    assert card.data.metrics is None and "FID" not in card.text and "| 0.080 | `(root)` |" in card.text
+    assert card.data.metrics is None and "FID" not in card.text and "| 0.080 | `ema0080` (default) |" in card.text
+    assert card.data.eval_results is None
 
 
-def test_template_is_package_data_and_model_cards_points_to_it():
+def test_template_is_package_data_and_model_cards_example_is_current(tmp_path):
     packaged = REPO_ROOT / "edm2_diffusers" / "hub" / "templates" / "edm2_pipeline.md"
     assert template_text() == packaged.read_text()
-    assert (REPO_ROOT / "model_cards" / "edm2_pipeline.md").resolve() == packaged.resolve()
     pyproject = (REPO_ROOT / "pyproject.toml").read_text()
     assert re.search(r'edm2_diffusers = \[[^\]]*"hub/templates/\*\.md"', pyproject)
+    # One source of truth: model_cards/ holds no copy or link of the template, only the rendered example.
+    assert sorted(p.name for p in (REPO_ROOT / "model_cards").iterdir()) == ["README.md", "example"]
+    example = REPO_ROOT / "model_cards" / "example"
+    info = json.loads((example / "export_info.json").read_text())
+    assert build_model_card(info).content == (example / "README.md").read_text(), (
+        "model_cards/example/README.md is stale: render it again (see model_cards/README.md)"
+    )
+    assert info["card_sha256"] == card_sha256((example / "README.md").read_text())
+    assert [v["variant"] for v in info["variants"]] == ["ema0050", "ema0100"]
+    assert ModelCard.load(example / "README.md").data.library_name == "diffusers"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -490,23 +643,37 @@ def test_template_is_package_data_and_model_cards_points_to_it():
 
 
 class FakeHub:
-    """Records what HfApi would send; create_repo resolves a bare name into the token owner's namespace."""
+    """Records what HfApi would send and keeps each repository's files; create_repo resolves a bare name into the
+    token owner's namespace, and a new repository holds the .gitattributes the Hub writes."""
 
     def __init__(self, monkeypatch):
-        self.repos, self.commits = [], []
+        self.repos, self.commits, self.files = [], [], {}
         hub = self
 
         def create_repo(api, repo_id, *, private=None, exist_ok=False, repo_type=None, **kwargs):
             hub.repos.append(dict(repo_id=repo_id, private=private, exist_ok=exist_ok, repo_type=repo_type))
             full = repo_id if "/" in repo_id else f"token-owner/{repo_id}"
+            hub.files.setdefault(full, {".gitattributes": b"*.safetensors filter=lfs\n"})
             return RepoUrl(f"https://huggingface.co/{full}")
 
+        def list_repo_files(api, repo_id, *, revision=None, repo_type=None, **kwargs):
+            return sorted(hub.files[repo_id])
+
         def create_commit(api, repo_id, operations, *, commit_message, repo_type=None, revision=None, **kwargs):
-            files = {}
+            files, deleted = {}, []
             for op in operations:
+                if isinstance(op, CommitOperationDelete):
+                    deleted.append(op.path_in_repo)
+                    continue
                 src = op.path_or_fileobj
                 files[op.path_in_repo] = Path(src).read_bytes() if isinstance(src, (str, Path)) else bytes(src)
-            hub.commits.append(dict(repo_id=repo_id, message=commit_message, files=files, repo_type=repo_type))
+            repo = hub.files[repo_id]
+            for rel in deleted:
+                del repo[rel]  # a delete of a file the repository does not hold would fail on the Hub
+            repo.update(files)
+            hub.commits.append(
+                dict(repo_id=repo_id, message=commit_message, files=files, deleted=deleted, repo_type=repo_type)
+            )
             return CommitInfo(
                 commit_url=f"https://huggingface.co/{repo_id}/commit/{'0' * 40}",
                 commit_message=commit_message,
@@ -515,6 +682,7 @@ class FakeHub:
             )
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "list_repo_files", list_repo_files)
         monkeypatch.setattr(HfApi, "create_commit", create_commit)
 
 
@@ -527,15 +695,34 @@ def test_push_sends_the_export_in_one_commit(export_dir, tmp_path, monkeypatch):
     assert len(hub.commits) == 1
     sent = hub.commits[0]
     assert sent["repo_id"] == "alice/edm2-digits" and sent["repo_type"] == "model"
-    assert sent["message"] == "Upload EDM2 Config G pipeline: EMA std 0.050 (root), 0.100 at step 6"
+    assert sent["message"] == "Upload EDM2 Config G pipeline: EMA std 0.050 (default), 0.100 at step 6"
     assert set(sent["files"]) == all_files(export_dir) == set(export_files(local))
     assert sent["files"] == snapshot(local)
     # The generated card now names the repository it was pushed to; the weights are untouched.
     readme = sent["files"]["README.md"].decode()
     assert '"alice/edm2-digits"' in readme and "someone/digits-edm2" not in readme
-    weights = "ema-0.100/unet/diffusion_pytorch_model.safetensors"
+    weights = "unet/diffusion_pytorch_model.ema0100.safetensors"
     assert sent["files"][weights] == (export_dir / weights).read_bytes()
     assert commit.commit_message == sent["message"]
+
+
+def test_push_deletes_what_the_new_export_no_longer_has(run_dir, export_dir, tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    local = tmp_path / "copy"
+    shutil.copytree(export_dir, local)
+    push_to_hub(local, "alice/edm2-digits")
+    assert hub.commits[0]["deleted"] == []
+    hub.files["alice/edm2-digits"]["notes/old.txt"] = b"left from an earlier upload"
+    # A new export of the same run without the 0.100 variant, pushed to the same repository.
+    export_pipelines(run_dir, [0.05], local, overwrite=True, sample_grid=False)
+    push_to_hub(local, "alice/edm2-digits")
+    assert len(hub.commits) == 2
+    assert sorted(hub.commits[1]["deleted"]) == [
+        "notes/old.txt",
+        "samples.png",
+        "unet/diffusion_pytorch_model.ema0100.safetensors",
+    ]
+    assert set(hub.files["alice/edm2-digits"]) == all_files(local) | {".gitattributes"}
 
 
 def test_push_keeps_an_edited_card(export_dir, tmp_path, monkeypatch):
@@ -563,7 +750,7 @@ def test_cli_exports_and_pushes(run_dir, tmp_path, monkeypatch):
     argv = ["--run_dir", str(run_dir), "--stds", "0.10,0.05", "--output_dir", str(out), "--step", "6"]
     example.main(argv + ["--push_to_hub", "--hub_model_id", "edm2-digits", "--license", "cc-by-4.0"])
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == ["pipeline_edm2", "EDM2Pipeline"]
-    assert (out / "ema-0.050" / "model_index.json").is_file()
+    assert read_export_info(out)["variants"][1]["variant"] == "ema0050"
     sent = hub.commits[0]
     assert sent["repo_id"] == "token-owner/edm2-digits"
     assert set(sent["files"]) == all_files(out)
@@ -622,7 +809,8 @@ def test_existing_output_folder_is_never_touched_without_overwrite(run_dir, expo
         export_pipelines(run_dir, [0.10], previous, sample_grid=False)
     assert snapshot(previous) == before
     export_pipelines(run_dir, [0.10], previous, overwrite=True, sample_grid=False)
-    assert not (previous / "ema-0.100").exists() and read_export_info(previous)["variants"][0]["std"] == 0.10
+    assert not (previous / "unet" / "diffusion_pytorch_model.ema0050.safetensors").exists()
+    assert read_export_info(previous)["variants"] == [{"std": 0.10, "variant": "ema0100", "metrics": {}}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "previous"]
 
 
@@ -634,7 +822,7 @@ def test_best_without_a_sweep_is_a_clear_error(run_dir, tmp_path):
 def test_check_export_refuses_pickles(export_dir, tmp_path):
     local = tmp_path / "copy"
     shutil.copytree(export_dir, local)
-    torch.save({"w": torch.zeros(1)}, local / "ema-0.100" / "unet" / "diffusion_pytorch_model.bin")
+    torch.save({"w": torch.zeros(1)}, local / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(ValueError, match="safetensors weights only"):
         check_export(local)
     with pytest.raises(ValueError, match="safetensors weights only"):

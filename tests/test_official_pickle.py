@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_unet_config, tiny_vae
+from huggingface_hub import ModelCard
 from official_pickles import (
     EasyDict,
     EDM2Loss,
@@ -41,6 +42,8 @@ from edm2_diffusers.convert.official_network import (
 )
 from edm2_diffusers.convert.safe_unpickler import ObjectRecord, load_official_pickle
 from edm2_diffusers.edm import denoise
+from edm2_diffusers.hub import check_export, read_export_info
+from edm2_diffusers.hub.converted import export_converted, official_std
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Official-format pickles load into records and convert.
@@ -178,9 +181,14 @@ def test_script_converts_a_guided_class_conditional_pair(tmp_path):
     assert script.main(args) == out
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (out / "guidance_unet" / "diffusion_pytorch_model.safetensors").is_file()
-    info = json.loads((out / "conversion.json").read_text())
-    assert info["guidance_scale"] == 1.7 and info["source"] == "main.pkl" and info["guidance_source"] == "guide.pkl"
-    assert info["official_config"]["label_dim"] == 5 and "guidance_scale=1.7" in (out / "README.md").read_text()
+    info = json.loads((out / "export_info.json").read_text())
+    assert info["guidance"] == {"source": "guide.pkl", "scale": 1.7, "class": "EDM2UNet2DModel"}
+    assert info["conversion"]["sources"] == ["main.pkl"] and info["conversion"]["official_config"]["label_dim"] == 5
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "cc-by-nc-sa-4.0" and "`guidance_scale=1.7`" in card.text
+    assert "converted from `guide.pkl`" in card.text and "| `main.pkl` |" in card.text
+    assert (out / "guidance_unet" / "unet_edm2.py").is_file() and check_export(out) == [out]
+    assert json.loads((out / "model_index.json").read_text())["default_guidance_scale"] == 1.7
 
     loaded = EDM2Pipeline.from_pretrained(out)
     reference = EDM2Pipeline(unet=main, scheduler=EDMHeunScheduler(), guidance_unet=guide)
@@ -200,6 +208,56 @@ def test_script_converts_a_guided_class_conditional_pair(tmp_path):
     assert not (out / "guidance_unet").exists() and index["guidance_unet"] == [None, None]
     with pytest.raises(SystemExit):
         script.parse_args([str(main_pkl), str(out), "--guidance", str(guide_pkl)])
+
+
+def test_pickles_of_one_network_become_weight_variants_that_both_loaders_read(tmp_path):
+    from diffusers import DiffusionPipeline
+    from test_export import run_loader
+
+    from edm2_diffusers import EDM2Pipeline
+
+    nets = [random_unet(0, num_class_embeds=5), random_unet(7, num_class_embeds=5)]
+    names = ["edm2-img64-xs-0001234-0.050.pkl", "edm2-img64-xs-0001234-0.100.pkl"]
+    pickles = [write_pickle(tmp_path / n, net) for n, net in zip(names, nets)]
+    assert [official_std(p) for p in pickles] == [0.05, 0.1]
+    out = tmp_path / "export"
+    result = export_converted(pickles, out, base_model="alice/edm2-img64-xs", sample_grid=False)
+    assert result.variants == [(0.05, "ema0050"), (0.1, "ema0100")]
+    info = read_export_info(out)
+    assert [v["source"] for v in info["variants"]] == names and info["conversion"]["sources"] == names
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "cc-by-nc-sa-4.0" and card.data.base_model == "alice/edm2-img64-xs"
+    assert getattr(card.data, "base_model_relation", None) is None  # a conversion, not a fine-tune
+    assert (
+        f"| 0.100 | `ema0100` | `{names[1]}` |" in card.text and "creativecommons.org/licenses/by-nc-sa" in card.text
+    )
+
+    # Each variant holds its pickle's network, through both loaders; the default weights are the first pickle's.
+    kw = dict(batch_size=2, num_inference_steps=2, class_labels=[1, 4], output_type="np")
+    reference = {}
+    for variant, net in ((None, nets[0]), ("ema0050", nets[0]), ("ema0100", nets[1])):
+        pipe = EDM2Pipeline.from_pretrained(out, variant=variant)
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
+        remote = DiffusionPipeline.from_pretrained(out, variant=variant, trust_remote_code=True)
+        images = [p(generator=torch.Generator().manual_seed(0), **kw).images for p in (pipe, remote)]
+        np.testing.assert_allclose(images[0], images[1], atol=1e-6)
+        reference[variant or "default"] = images[0]
+
+    # A converted pipeline round-trips through save_pretrained, also where the package is not installed.
+    saved = tmp_path / "saved"
+    EDM2Pipeline.from_pretrained(out, variant="ema0100").save_pretrained(saved)
+    assert read_export_info(saved)["conversion"]["sources"] == names and check_export(saved) == [saved]
+    assert ModelCard.load(saved / "README.md").data.license == "cc-by-nc-sa-4.0"
+    loaded = EDM2Pipeline.from_pretrained(saved)
+    np.testing.assert_allclose(loaded(generator=torch.Generator().manual_seed(0), **kw).images, reference["ema0100"])
+    report, _ = run_loader(saved, tmp_path / "blocked", block=True, snippets={}, variants=[None])
+    assert report["variants"]["default"][1].startswith("diffusers_modules.")
+
+    with pytest.raises(ValueError, match="gives no EMA std"):
+        export_converted([pickles[0], write_pickle(tmp_path / "other.pkl", nets[1])], tmp_path / "x")
+    with pytest.raises(ValueError, match="another architecture"):
+        export_converted([pickles[0], write_pickle(tmp_path / "a-1-0.2.pkl", random_unet(1))], tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_latent_network_with_and_without_vae(tmp_path):

@@ -86,15 +86,16 @@ def test_power_ema_run_ends_with_a_loadable_export_of_its_ema(tmp_path):
         "phema-000000003-0.100.safetensors",
     ]
     assert result.pipeline_dir == str(out / "pipeline") and result.is_main_process
-    assert check_export(out / "pipeline") == [out / "pipeline", out / "pipeline" / "ema-0.100"]
+    assert check_export(out / "pipeline") == [out / "pipeline"]
     info = read_export_info(out / "pipeline")
     assert info["run"]["step"] == 3 and info["run"]["nimg"] == 24
     assert info["model_name"] == "run" and info["repo_id"] == "your-username/run"  # named after the run
-    assert [v["std"] for v in info["variants"]] == [0.05, 0.10]
+    assert [(v["std"], v["variant"]) for v in info["variants"]] == [(0.05, "ema0050"), (0.10, "ema0100")]
 
-    # The exported weights are the EMA profiles the run tracked, the first std at the root.
-    for (label, net), folder in zip(result.ema.averaged_models(), ("", "ema-0.100")):
-        saved = load_file(str(out / "pipeline" / folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    # The exported weights are the EMA profiles the run tracked, each a weight variant, the first also the default.
+    unet = out / "pipeline" / "unet"
+    for (label, net), name in zip(result.ema.averaged_models(), (".", ".ema0100.")):
+        saved = load_file(str(unet / f"diffusion_pytorch_model{name}safetensors"))
         for name, value in net.state_dict().items():
             torch.testing.assert_close(saved[name], value, rtol=0, atol=1e-6, msg=f"{label} {name}")
 
@@ -142,7 +143,7 @@ def test_traditional_ema_run_exports_its_single_average(tmp_path):
     assert check_export(out / "pipeline") == [out / "pipeline"]
     info = read_export_info(out / "pipeline")
     assert info["ema"] == {"type": "traditional", "beta": 0.9, "warmup_steps": 1}
-    assert info["variants"] == [{"std": None, "folder": ".", "metrics": {}}]
+    assert info["variants"] == [{"std": None, "variant": None, "metrics": {}}]
     saved = load_file(str(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
     (_, net), = result.ema.averaged_models()  # fmt: skip
     raw = dict(result.unet.named_parameters())
@@ -210,7 +211,7 @@ def test_push_to_hub_sends_the_final_export(tmp_path, monkeypatch, hub_http):
     assert len(hub.commits) == 1 and tokens == ["hf_secret"]
     sent = hub.commits[0]
     assert sent["repo_id"] == "alice/tiny-edm2"
-    assert sent["message"] == "Upload EDM2 Config G pipeline: EMA std 0.050 (root), 0.100 at step 3"
+    assert sent["message"] == "Upload EDM2 Config G pipeline: EMA std 0.050 (default), 0.100 at step 3"
     pipeline = out / "pipeline"
     assert sent["files"] == {rel: (pipeline / rel).read_bytes() for rel in tree(pipeline)}
     assert '"alice/tiny-edm2"' in sent["files"]["README.md"].decode()

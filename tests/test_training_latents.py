@@ -95,7 +95,13 @@ def test_latent_run_records_its_constants_and_exports_a_pipeline_that_decodes(la
 
     # The export carries the constants and the VAE; both loaders decode to images.
     pipeline = out / "pipeline"
-    assert check_export(pipeline) == [pipeline, pipeline / "ema-0.100"]
+    assert check_export(pipeline) == [pipeline]
+    assert sorted(p.name for p in (pipeline / "unet").glob("*.safetensors")) == [
+        "diffusion_pytorch_model.ema0050.safetensors",
+        "diffusion_pytorch_model.ema0100.safetensors",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    assert len(list(pipeline.rglob("vae/*.safetensors"))) == 1  # the VAE is stored once
     assert (pipeline / "samples.png").is_file()
     vae_weights = load_file(str(pipeline / "vae" / "diffusion_pytorch_model.safetensors"))
     for name, value in AutoencoderKL.from_pretrained(latent_data["vae"]).state_dict().items():

@@ -15,10 +15,12 @@ import os
 from pathlib import Path
 
 import jinja2
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..files import write_json_atomic, write_text_atomic
+from .layout import EXPORT_INFO_NAME
 
 TEMPLATE_NAME = "edm2_pipeline.md"
-EXPORT_INFO_NAME = "export_info.json"
 
 CITATION = """@inproceedings{karras2024edm2,
   title     = {Analyzing and Improving the Training Dynamics of Diffusion Models},
@@ -88,6 +90,28 @@ def describe_ema(ema: dict | None) -> str:
     return f"{ema.get('type')} EMA"
 
 
+def _variant_rows(info: dict) -> tuple[list[dict], list[str]]:
+    metric_names = list(dict.fromkeys(n for v in info["variants"] for n in v.get("metrics", {})))
+    ema_text = describe_ema(info.get("ema"))
+    rows = []
+    for i, v in enumerate(info["variants"]):
+        metrics = v.get("metrics", {})
+        cells = "".join(f" {_fmt(metrics[n]) if n in metrics else '–'} |" for n in metric_names)
+        std_text = f"{v['std']:.3f}" if v["std"] is not None else ema_text
+        variant = f"`{v['variant']}`" if v.get("variant") else "–"
+        rows.append(
+            dict(
+                std=v["std"],
+                std_text=std_text,
+                variant=v.get("variant"),
+                variant_text=variant + (" (default)" if i == 0 and v.get("variant") else ""),
+                source=v.get("source"),
+                metric_cells=cells,
+            )
+        )
+    return rows, metric_names
+
+
 def card_context(info: dict, repo_id: str) -> dict:
     """The template variables of a card, from an export's ``export_info.json`` content.
 
@@ -97,33 +121,17 @@ def card_context(info: dict, repo_id: str) -> dict:
     """
     model = info["model"]
     config = model["config"]
-    variants = []
-    metric_names = []
-    for v in info["variants"]:
-        for name in v.get("metrics", {}):
-            if name not in metric_names:
-                metric_names.append(name)
-    ema_text = describe_ema(info.get("ema"))
-    for v in info["variants"]:
-        metrics = v.get("metrics", {})
-        cells = "".join(f" {_fmt(metrics[n]) if n in metrics else '–'} |" for n in metric_names)
-        variants.append(
-            dict(
-                std=v["std"],
-                std_text=f"{v['std']:.3f}" if v["std"] is not None else ema_text,
-                folder=v["folder"],
-                folder_text="(root)" if v["folder"] == "." else v["folder"] + "/",
-                label="root" if v["folder"] == "." else v["folder"],
-                metric_cells=cells,
-            )
-        )
+    variants, metric_names = _variant_rows(info)
     training = info.get("training") or {}
     training_rows = [(label, _fmt(training[key])) for key, label in TRAINING_ROWS if training.get(key) is not None]
-    for change in (info["run"].get("history") or {}).get("changed_on_resume", []):  # settings changed on resume
+    for change in ((info.get("run") or {}).get("history") or {}).get(
+        "changed_on_resume", []
+    ):  # settings changed on resume
         for key, values in change["overrides"].items():
             training_rows.append(
                 (f"`{key}` from step {change['step']:,} (resumed)", f"{values['from']} → {values['to']}")
             )
+    run = info.get("run")
     return dict(
         model_name=info["model_name"],
         repo_id=repo_id,
@@ -138,29 +146,59 @@ def card_context(info: dict, repo_id: str) -> dict:
         num_blocks=config["num_blocks"],
         attn_resolutions=", ".join(f"{r}×{r}" for r in config["attn_resolutions"]) or "none",
         num_classes=config.get("num_class_embeds"),
-        posthoc=info.get("ema") is None,
-        ema_text=ema_text,
+        posthoc=info.get("ema") is None and variants[0]["std"] is not None,
+        ema_text=describe_ema(info.get("ema")),
         latent=info.get("latent"),
-        step=f"{info['run']['step']:,}",
-        images_seen=f"{info['run']['nimg']:,}",
-        images_seen_human=_human(info["run"]["nimg"]),
-        dataset_text=info["dataset"]["text"],
+        run=run,
+        step=f"{run['step']:,}" if run else None,
+        images_seen=f"{run['nimg']:,}" if run else None,
+        images_seen_human=_human(run["nimg"]) if run else None,
+        conversion=info.get("conversion"),
+        origin=info.get("origin"),
+        guidance=info.get("guidance"),
+        base_model=info.get("base_model"),
+        license=info.get("license"),
+        dataset_text=(info.get("dataset") or {}).get("text"),
         variants=variants,
+        has_variants=variants[0]["variant"] is not None,
         metric_header="".join(f" {metric_label(n)} |" for n in metric_names),
         metric_separator="---|" * len(metric_names),
         metrics_note=info.get("metrics_note"),
         sampling=info["sampling"],
         sample_grid=info.get("sample_grid"),
         sample_seed=info.get("sample_seed"),
-        training_rows=training_rows,
+        training_rows=[(label, _fmt(training[key])) for key, label in TRAINING_ROWS if training.get(key) is not None],
         package_version=info["package_version"],
         diffusers_version=info["diffusers_version"],
         citation=CITATION,
     )
 
 
+def _eval_results(info: dict) -> list[EvalResult] | None:
+    """``model-index`` results: each variant's FID / Fréchet distance, the default weights first."""
+    dataset = info.get("dataset") or {}
+    results = []
+    for v in info["variants"]:
+        for name, value in v.get("metrics", {}).items():
+            if name.lower() not in ("fid", "fd"):
+                continue
+            which = f"EMA std {v['std']:.3f}" if v["std"] is not None else "the exported weights"
+            results.append(
+                EvalResult(
+                    task_type="unconditional-image-generation",
+                    dataset_type=dataset.get("name") or "custom",
+                    dataset_name=dataset.get("name") or "training data",
+                    metric_type=name.lower(),
+                    metric_value=float(value),
+                    metric_name=f"{metric_label(name)} ({which})",
+                    metric_config=v.get("variant"),
+                )
+            )
+    return results or None
+
+
 def card_data(info: dict) -> ModelCardData:
-    """The YAML metadata of the card.
+    """The YAML metadata of the card: license, tags, ``datasets``, ``base_model`` and ``model-index`` results.
 
     Args:
         info (`dict`): the export info.
@@ -170,16 +208,20 @@ def card_data(info: dict) -> ModelCardData:
     tags = ["edm2", "diffusers", "diffusion", "image-generation", f"edm2-config-{architecture}"]
     tags.append("class-conditional-image-generation" if conditional else "unconditional-image-generation")
     tags += [t for t in info.get("tags") or [] if t not in tags]
-    data = ModelCardData(
+    dataset = info.get("dataset") or {}
+    base_model = info.get("base_model")
+    return ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         license=info.get("license"),
         tags=tags,
-        datasets=[info["dataset"]["name"]] if info["dataset"].get("name") else None,
+        datasets=[dataset["name"]] if dataset.get("name") else None,
+        base_model=base_model,
+        base_model_relation="finetune" if base_model and info.get("run") else None,
         metrics=sorted({n.lower() for v in info["variants"] for n in v.get("metrics", {})} & {"fid", "fd"}) or None,
         model_name=info["model_name"],
+        eval_results=_eval_results(info),
     )
-    return data
 
 
 def build_model_card(info: dict, repo_id: str | None = None, template: str | None = None) -> ModelCard:
@@ -231,13 +273,12 @@ def write_model_card(export_dir: str | os.PathLike, info: dict, repo_id: str | N
         info (`dict`): its export info (updated in place with ``repo_id`` and ``card_sha256``).
         repo_id (`str`, *optional*): the repository id for the usage snippets.
     """
-    card = build_model_card(info, repo_id)
-    text = str(card)
+    text = str(build_model_card(info, repo_id))
     path = Path(export_dir) / "README.md"
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)
     info["repo_id"] = repo_id or info.get("repo_id")
-    info["card_sha256"] = card_sha256(path.read_text(encoding="utf-8"))
-    (Path(export_dir) / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    info["card_sha256"] = card_sha256(text)
+    write_json_atomic(Path(export_dir) / EXPORT_INFO_NAME, info)
     return path
 
 

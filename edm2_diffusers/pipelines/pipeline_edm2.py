@@ -9,12 +9,23 @@ Bundling rule: exports carry this file as diffusers custom code, flattened by ``
 together with the package modules it imports. It may therefore import only torch, numpy, diffusers and the ground
 floor (``edm``, ``latents``, ``models``, ``schedulers``, ``pipelines``), never ``ema``, ``runs``, ``hub``, ``training``
 or ``evaluation`` (checked by the import-linter layers and ``tests/test_architecture.py``).
+
+Loading and saving: since this module may not import ``edm2_diffusers.hub``, the package's loader and
+writer (configs and safetensors read with the installed classes; bundled code, ``export_info.json`` and model card
+written next to diffusers' files) live in ``edm2_diffusers.hub.pipeline_io``, which the package root imports. The class
+looks that module up in ``sys.modules`` when ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` is called:
+with the package installed these use it (also from a copy of this class loaded as remote code); in a process without
+the package the bundled copy keeps diffusers' own behaviour and copies its own standalone code files.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import math
+import os
+import shutil
+import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -59,6 +70,62 @@ class EDM2Pipeline(DiffusionPipeline):
     # by class name (subclasses too), so a copy of EDMHeunScheduler bundled with an export as remote code counts.
     _edm_schedulers = ("EDMHeunScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
     DEFAULT_NUM_INFERENCE_STEPS = 32  # used when neither the call nor the pipeline's config gives a step count
+    _package_io = "edm2_diffusers.hub.pipeline_io"  # module of the installed package's loader and writer, if imported
+
+    @classmethod
+    def _io(cls):
+        return sys.modules.get(cls._package_io)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load an EDM2 pipeline export (a folder or Hub repository) as this class.
+
+        With edm2-diffusers installed, the package's own classes are built from the configs and safetensors weights
+        (no code from the export runs, ``trust_remote_code`` is not needed); ``variant="ema0100"`` picks an EMA
+        length (diffusers' weight variants), ``torch_dtype`` / ``dtype`` the networks' dtype, and ``subfolder`` a
+        pipeline stored in a subfolder. Otherwise (this class loaded as remote code) diffusers' loader runs.
+        """
+        io = cls._io()
+        if io is None or not io.is_package_class(cls):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return io.load_pipeline(pretrained_model_name_or_path, pipeline_class=cls, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """diffusers' ``save_pretrained`` plus the custom code, ``export_info.json`` and model card of an export, so
+        that ``DiffusionPipeline.from_pretrained(save_directory, trust_remote_code=True)`` loads the folder."""
+        super().save_pretrained(save_directory, **kwargs)
+        io = self._io()
+        if io is not None:
+            io.save_pipeline_files(self, save_directory)
+        else:
+            self._copy_own_code(save_directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Save (as :meth:`save_pretrained`) and upload in one commit that also deletes stale repository files."""
+        io = self._io()
+        if io is None:
+            return super().push_to_hub(repo_id, **kwargs)
+        return io.push_pipeline(self, repo_id, **kwargs)
+
+    def _copy_own_code(self, save_directory) -> None:
+        """Without the package: this class and its components are remote code already; copy their files."""
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        targets = {"_class_name": (type(self), save_directory)}
+        for name in self.components:
+            module = getattr(self, name)
+            if module is not None and isinstance(index.get(name), list):
+                targets[name] = (type(module), os.path.join(save_directory, name))
+        for key, (cls, folder) in targets.items():
+            source = inspect.getsourcefile(cls)
+            if not cls.__module__.startswith("diffusers_modules.") or source is None:
+                continue
+            stem = os.path.splitext(os.path.basename(source))[0]
+            shutil.copyfile(source, os.path.join(folder, stem + ".py"))
+            index[key] = [stem, cls.__name__]
+        with open(index_path, "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
 
     def __init__(
         self,

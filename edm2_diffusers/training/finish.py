@@ -5,7 +5,7 @@ What is exported:
 * power-function EMA: the tracked profiles (``ema.stds``; the first at the root) reconstructed from the snapshots
   of the last step with :func:`edm2_diffusers.hub.export_run`. The loop writes a snapshot at the last step whatever
   ``ema.snapshot_every_steps`` says, so a run can always be exported (and reconstructed) where it ended;
-* traditional EMA: its single average, as it is, with :func:`edm2_diffusers.hub.export_model` (it has no snapshots,
+* traditional EMA: its single average, as it is, with ``export_run(..., unet=...)`` (it has no snapshots,
   so other EMA lengths cannot be made from it, unless ``ema.posthoc`` tracked power-function profiles beside it:
   their snapshots in ``output_dir/phema`` export with ``examples/export_pipeline.py --run_dir RUN --stds ...``);
 * no EMA (``ema: null``): nothing; a warning says so when the run starts.
@@ -23,7 +23,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list
 
 from ..ema import PowerFunctionEMA
-from ..hub import EXPORT_INFO_NAME, check_push_access, export_model, export_run, push_to_hub
+from ..hub import EXPORT_INFO_NAME, check_push_access, export_run, push_to_hub
 from ..runs import PIPELINE_SUBDIR, pipeline_dir
 
 logger = get_logger(__name__)
@@ -112,17 +112,30 @@ def export_trained_run(cfg: dict, ema, step: int, images_seen: int, hub_token: s
     output_dir = train_cfg["output_dir"]
     target = pipeline_dir(output_dir)
     repo_id = train_cfg["hub_model_id"]
+    private, push = train_cfg["hub_private_repo"], train_cfg["push_to_hub"]
     try:
         if export_step(target) == step:
             logger.info("%s already holds the export of step %d", target, step)
-        elif isinstance(ema, PowerFunctionEMA):
-            export_run(output_dir, target, stds=list(ema.stds), step=step, overwrite=True, hub_model_id=repo_id)
+            if push:
+                push_to_hub(target, repo_id, private=private, token=hub_token)
+            return target
+        if isinstance(ema, PowerFunctionEMA):
+            what = dict(stds=list(ema.stds))
         else:
             ((_, net),) = ema.averaged_models()
             description = ema.description()
-            export_model(output_dir, net, target, step, images_seen, ema=description, overwrite=True, repo_id=repo_id)
-        if train_cfg["push_to_hub"]:
-            push_to_hub(target, repo_id, private=train_cfg["hub_private_repo"], token=hub_token)
+            what = dict(unet=net, nimg=images_seen, ema=description)
+        export_run(
+            output_dir,
+            target,
+            step=step,
+            overwrite=True,
+            push_to_hub=push,
+            hub_model_id=repo_id,
+            private=private,
+            token=hub_token,
+            **what,
+        )
     except Exception as err:
         raise RuntimeError(
             f"training finished at step {step} and its checkpoint is complete, but exporting or pushing {target} "
