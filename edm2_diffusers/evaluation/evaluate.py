@@ -153,37 +153,25 @@ def default_ref_stats_path(feature_extractor_name: str, dataset: str, split: str
 
 
 def resolve_reference(
-    feature_extractor: nn.Module,
-    ref_stats: str | None = None,
-    dataset_name: str | None = None,
-    train_data_dir: str | None = None,
-    split: str = "train",
-    dataset_config_name: str | None = None,
-    image_column: str = "image",
-    resolution: int | None = None,
-    channels: int = 3,
-    accelerator=None,
+    feature_extractor: nn.Module, ref_stats: str | None = None, accelerator=None, **dataset
 ) -> FeatureStats:
     """Reference statistics for the command-line tools.
 
-    ``ref_stats`` is read if it exists, else computed from the named dataset and written there. Without
-    ``ref_stats`` but with a dataset, the statistics are cached under :func:`default_ref_stats_path`. The ``digits``
-    extractor needs neither: it defaults to scikit-learn's digits (computed in memory).
+    ``ref_stats`` is read if it exists, else computed from the dataset that ``dataset`` names (the arguments of
+    :func:`dataset_image_batches`) and written there. Without ``ref_stats`` but with a dataset, the statistics are
+    cached under :func:`default_ref_stats_path`. The ``digits`` extractor needs neither: it defaults to
+    scikit-learn's digits (computed in memory).
     """
     name = extractor_name(feature_extractor)
-    has_data = bool(dataset_name or train_data_dir)
-    if ref_stats is None and has_data:
-        ref_stats = default_ref_stats_path(name, dataset_name or os.path.abspath(train_data_dir), split, resolution)
+    source = dataset.get("dataset_name") or dataset.get("train_data_dir")
+    if ref_stats is None and source:
+        if not dataset.get("dataset_name"):
+            source = os.path.abspath(source)
+        split = dataset.get("split") or "train"
+        ref_stats = default_ref_stats_path(name, source, split, dataset.get("resolution"))
     if ref_stats is not None and not ref_stats.endswith(".npz"):
         raise ValueError(f"--ref_stats must name an .npz file, got {ref_stats!r}")
-    batches = None
-    if has_data:
-
-        def batches():
-            return dataset_image_batches(
-                dataset_name, train_data_dir, split, dataset_config_name, image_column, resolution, channels
-            )
-
+    batches = (lambda: dataset_image_batches(**dataset)) if source else None
     return reference_stats(ref_stats, feature_extractor, batches, accelerator)
 
 
@@ -358,12 +346,12 @@ def reference_from_args(extractor, args, channels: int, accelerator=None) -> Fea
     return resolve_reference(
         extractor,
         args.ref_stats,
-        args.dataset_name,
-        args.train_data_dir,
-        args.dataset_split,
-        args.dataset_config_name,
-        args.image_column,
-        args.resolution,
-        channels,
         accelerator,
+        dataset_name=args.dataset_name,
+        train_data_dir=args.train_data_dir,
+        split=args.dataset_split or "train",
+        dataset_config_name=args.dataset_config_name,
+        image_column=args.image_column or "image",
+        resolution=args.resolution,
+        channels=channels,
     )
