@@ -124,9 +124,8 @@ def card_context(info: dict, repo_id: str) -> dict:
     variants, metric_names = _variant_rows(info)
     training = info.get("training") or {}
     training_rows = [(label, _fmt(training[key])) for key, label in TRAINING_ROWS if training.get(key) is not None]
-    for change in ((info.get("run") or {}).get("history") or {}).get(
-        "changed_on_resume", []
-    ):  # settings changed on resume
+    history = (info.get("run") or {}).get("history") or {}
+    for change in history.get("changed_on_resume", []):  # settings changed on resume
         for key, values in change["overrides"].items():
             training_rows.append(
                 (f"`{key}` from step {change['step']:,} (resumed)", f"{values['from']} → {values['to']}")
@@ -167,7 +166,7 @@ def card_context(info: dict, repo_id: str) -> dict:
         sampling=info["sampling"],
         sample_grid=info.get("sample_grid"),
         sample_seed=info.get("sample_seed"),
-        training_rows=[(label, _fmt(training[key])) for key, label in TRAINING_ROWS if training.get(key) is not None],
+        training_rows=training_rows,
         package_version=info["package_version"],
         diffusers_version=info["diffusers_version"],
         citation=CITATION,
