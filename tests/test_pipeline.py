@@ -18,6 +18,18 @@ from edm2_diffusers.latents import SD_VAE_LATENT_MEAN, SD_VAE_LATENT_STD, standa
 SCHEDULERS = [EDMHeunScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler]
 
 
+@torch.no_grad()
+def heun_reference(unet, x, t):
+    """EDM's Algorithm 2 written out (deterministic): Heun steps through the noise levels ``t`` (ending at 0)."""
+    for i in range(len(t) - 1):
+        d = (x - denoise(unet, x, t[i])) / t[i]
+        x_next = x + (t[i + 1] - t[i]) * d
+        if t[i + 1] > 0:
+            x_next = x + (t[i + 1] - t[i]) * 0.5 * (d + (x_next - denoise(unet, x_next, t[i + 1])) / t[i + 1])
+        x = x_next
+    return x
+
+
 def tiny_unet(seed=0, **overrides):
     torch.manual_seed(seed)
     unet = EDM2UNet2DModel(**tiny_unet_config(**overrides)).eval()
@@ -83,13 +95,7 @@ def test_pipeline_loop_matches_denoiser_heun_loop():
     out = pipe(batch_size=2, num_inference_steps=n, generator=gen(3), output_type="latent").images
     x = torch.randn(2, 1, 8, 8, generator=gen(3)) * 80.0
     t = karras_sigmas(n).tolist() + [0.0]
-    with torch.no_grad():
-        for i in range(n):
-            d = (x - denoise(pipe.unet, x, t[i])) / t[i]
-            x_next = x + (t[i + 1] - t[i]) * d
-            if t[i + 1] > 0:
-                x_next = x + (t[i + 1] - t[i]) * 0.5 * (d + (x_next - denoise(pipe.unet, x_next, t[i + 1])) / t[i + 1])
-            x = x_next
+    x = heun_reference(pipe.unet, x, t)
     assert_close_to_scale(out, x)
 
 
@@ -408,13 +414,7 @@ def test_custom_sigmas_are_honoured():
     torch.testing.assert_close(pipe.scheduler.step_sigmas, torch.tensor(sigmas + [0.0], dtype=torch.float64))
     x = torch.randn(1, 1, 8, 8, generator=gen(2)) * sigmas[0]
     t = sigmas + [0.0]
-    with torch.no_grad():
-        for i in range(3):
-            d = (x - denoise(pipe.unet, x, t[i])) / t[i]
-            x_next = x + (t[i + 1] - t[i]) * d
-            if t[i + 1] > 0:
-                x_next = x + (t[i + 1] - t[i]) * 0.5 * (d + (x_next - denoise(pipe.unet, x_next, t[i + 1])) / t[i + 1])
-            x = x_next
+    x = heun_reference(pipe.unet, x, t)
     assert_close_to_scale(out, x)
     with pytest.raises(ValueError, match="custom sigmas"):
         pipe(1, num_inference_steps=2, sigmas=sigmas)
