@@ -172,6 +172,21 @@ def _label_feature(dataset, label_column: str | None):
     raise ValueError(f"label column {label_column!r} must hold integer class ids, its feature is {feature}")
 
 
+def _check_encoding(dataset, image_column: str, batch_size: int, storage_dtype: str) -> None:
+    if image_column not in dataset.column_names:
+        raise ValueError(f"the dataset has no image column {image_column!r}; its columns are {dataset.column_names}")
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        raise ValueError(
+            f"column {image_column!r} does not hold images (its feature is {dataset.features[image_column]})"
+        )
+    if len(dataset) == 0:
+        raise ValueError("the image dataset is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
+
+
 def build_latent_dataset(
     vae,
     dataset,
@@ -213,18 +228,7 @@ def build_latent_dataset(
         constants are in ``info.description`` (see :func:`read_latent_info`). ``None`` on the processes other than
         the main one.
     """
-    if image_column not in dataset.column_names:
-        raise ValueError(f"the dataset has no image column {image_column!r}; its columns are {dataset.column_names}")
-    if not isinstance(dataset.features[image_column], datasets.Image):
-        raise ValueError(
-            f"column {image_column!r} does not hold images (its feature is {dataset.features[image_column]})"
-        )
-    if len(dataset) == 0:
-        raise ValueError("the image dataset is empty")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if storage_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
+    _check_encoding(dataset, image_column, batch_size, storage_dtype)
     label_feature = _label_feature(dataset, label_column)
     standardizer = standardizer or LatentStandardizer()
     channels = vae.config.latent_channels
