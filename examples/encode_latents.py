@@ -7,6 +7,13 @@
 Images are centre-cropped as EDM2 prepares ImageNet, scaled to [0, 1] and encoded; each row of the output
 (``datasets.Dataset.save_to_disk``) holds the posterior's mean and std (``latents``, 2·C channels) and the class
 (``label``). The latent standardization constants go into the dataset's info (``read_latent_info``).
+
+Under ``accelerate launch`` the processes share the work: batch b of --batch_size images is encoded by process
+b mod N, the main process gathers every round of N batches and alone writes the dataset, which is the one a single
+process writes (same rows in the same order, same values on the same hardware).
+
+    accelerate launch --num_processes 8 examples/encode_latents.py --train_data_dir imagenet/train \\
+        --vae stabilityai/sd-vae-ft-mse --resolution 512 --output_dir imagenet512-sd-latents --batch_size 64
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ import sys
 import tempfile
 
 import torch
+from accelerate import PartialState
 
 from edm2_diffusers.data import build_latent_dataset, load_latent_dataset, load_train_dataset, save_latent_dataset
 from edm2_diffusers.data.latents import STORAGE_DTYPES
+from edm2_diffusers.distributed import cpu_process_group
 from edm2_diffusers.latents import LatentStandardizer, load_vae
 
 logger = logging.getLogger("encode_latents")
@@ -48,7 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     vae.add_argument("--vae_subfolder", type=str, default=None, help="subfolder of --vae holding the VAE (e.g. vae)")
     vae.add_argument("--resolution", type=int, required=True, help="centre-crop images to this size before encoding")
     vae.add_argument("--batch_size", type=int, default=8, help="images per VAE call")
-    vae.add_argument("--device", type=str, default=None, help="cuda, cpu, ... (default: cuda when available)")
+    vae.add_argument(
+        "--device",
+        type=str,
+        default=None,
+        help="cuda, cpu, ... (default: cuda when available; launched: each process's)",
+    )
     vae.add_argument("--vae_dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", type=str, required=True, help="new folder for the latent dataset")
@@ -84,6 +98,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _check(args)
+    state = PartialState(cpu=cpu_process_group())
 
     data_cfg = {
         "dataset_name": args.dataset_name,
@@ -92,7 +107,8 @@ def main(argv=None) -> int:
         "train_data_dir": args.train_data_dir,
         "cache_dir": args.cache_dir,
     }
-    images = load_train_dataset(data_cfg)
+    with state.main_process_first():  # one download or cache preparation, then the others read it
+        images = load_train_dataset(data_cfg)
     if args.max_samples is not None:
         images = images.select(range(min(args.max_samples, len(images))))
     label_column = args.label_column
@@ -101,7 +117,10 @@ def main(argv=None) -> int:
     elif label_column == "none":
         label_column = None
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if state.num_processes > 1:
+        device = args.device or state.device
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae = load_vae(args.vae, subfolder=args.vae_subfolder, what="--vae", torch_dtype=getattr(torch, args.vae_dtype))
     vae = vae.to(device)
     standardizer = None
@@ -110,29 +129,32 @@ def main(argv=None) -> int:
     elif args.final_std != 0.5:
         standardizer = LatentStandardizer(final_std=args.final_std)
 
+    encode = {
+        "resolution": args.resolution,
+        "image_column": args.image_column,
+        "label_column": label_column,
+        "batch_size": args.batch_size,
+        "storage_dtype": args.storage_dtype,
+        "standardizer": standardizer,
+        "use_measured_statistics": args.latent_stats == "measured",
+        "vae_name": args.vae if args.vae_subfolder is None else f"{args.vae}/{args.vae_subfolder}",
+    }
+    if not state.is_main_process:
+        build_latent_dataset(vae, images, **encode, state=state)  # encodes its batches for the main process
+        state.wait_for_everyone()
+        return 0
+
     # Arrow files of the encoding live beside the output until it is saved, then go away.
     parent = os.path.dirname(os.path.abspath(args.output_dir))
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".encode-latents-", dir=parent)
     try:
-        latents = build_latent_dataset(
-            vae,
-            images,
-            resolution=args.resolution,
-            image_column=args.image_column,
-            label_column=label_column,
-            batch_size=args.batch_size,
-            storage_dtype=args.storage_dtype,
-            standardizer=standardizer,
-            use_measured_statistics=args.latent_stats == "measured",
-            cache_dir=work,
-            vae_name=args.vae if args.vae_subfolder is None else f"{args.vae}/{args.vae_subfolder}",
-            progress=True,
-        )
+        latents = build_latent_dataset(vae, images, **encode, cache_dir=work, progress=True, state=state)
         path = save_latent_dataset(latents, args.output_dir)
         del latents
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    state.wait_for_everyone()
 
     _, info = load_latent_dataset(path)
     logger.info("wrote %d latents of shape %s to %s", info["num_images"], info["latent_shape"], path)

@@ -3,13 +3,16 @@ constants, and a round trip through the same standardization the pipeline decode
 
 import hashlib
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_vae
+from conftest import free_port, tiny_vae
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -20,6 +23,7 @@ from edm2_diffusers.data import (
     encode_images,
     images_to_tensor,
     load_latent_dataset,
+    load_train_dataset,
     read_latent_info,
     save_latent_dataset,
 )
@@ -251,3 +255,59 @@ def test_encode_latents_script_on_an_image_folder(tmp_path):
     ds2, info2 = load_latent_dataset(measured)
     assert ds2.column_names == ["latents"]
     assert list(info2["standardizer"].latent_std) == info2["measured_std"]
+
+
+def test_two_processes_encode_the_dataset_one_process_encodes(tmp_path):
+    """``accelerate launch`` with two CPU processes (gloo) against one process, bit for bit.
+
+    9 images in batches of 2: process 0 encodes the batches from rows 0, 4, 8 and process 1 those from rows 2, 6, so
+    the last round has a short batch on the main process and none on the other. Both runs use one thread: the VAE's
+    CPU arithmetic depends on the thread count, as it does on the batch a row shares (a row alone differs from the
+    same row in a batch of 8 by ~1e-6), which is why whole batches are dealt out.
+    """
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(3)
+    for i in range(9):
+        (folder / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        h, w = rng.integers(16, 40, 2)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / "ab"[i % 2] / f"{i}.png")
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    args = ["--train_data_dir", str(folder), "--vae", str(tmp_path / "vae"), "--resolution", "16", "--batch_size",
+            "2", "--storage_dtype", "float16", "--latent_stats", "measured",
+            "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(free_port()), str(ROOT / "examples" / "encode_latents.py")]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = tmp_path / "two" / "latents"
+    proc = subprocess.run(
+        [*launch, *args, "--output_dir", str(two)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "process 0 of 2 encodes 3 batches, from rows 0, 4, 8" in proc.stderr, proc.stderr
+    assert "process 1 of 2 encodes 2 batches, from rows 2, 6" in proc.stderr, proc.stderr
+    assert sorted(os.listdir(tmp_path / "two")) == ["latents"]  # one dataset, no work files left
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _encode_script().main([*args, "--device", "cpu", "--output_dir", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one_ds, one_info = load_latent_dataset(tmp_path / "one")
+    two_ds, two_info = load_latent_dataset(two)
+    assert two_ds.features == one_ds.features and two_ds["label"] == one_ds["label"] == [0] * 5 + [1] * 4
+    one_latents = torch.as_tensor(np.asarray(one_ds.with_format("numpy")["latents"]))
+    two_latents = torch.as_tensor(np.asarray(two_ds.with_format("numpy")["latents"]))
+    assert one_latents.shape == (9, 8, 8, 8) and torch.equal(two_latents, one_latents)
+    assert two_info == one_info and two_info["num_images"] == 9  # measured statistics too, in the same order
+
+    # The rows are the images in the dataset's order: row 6 is what the VAE makes of image 6 in its batch (6, 7).
+    images = load_train_dataset({"train_data_dir": str(folder)})
+    pair = images_to_tensor(images[6:8]["image"], 16)
+    torch.set_num_threads(1)
+    try:
+        expected = encode_images(tiny_vae(), pair)[0].half()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(two_latents[6], expected)

@@ -4,6 +4,11 @@ The pieces: :func:`reference_stats` (dataset → (μ, Σ), computed once and cac
 :func:`evaluate_pipeline` (images from disjoint seed ranges on every Accelerate process, optionally resumable through a
 feature cache, then the Fréchet distance). Saved pipelines are loaded with
 :func:`edm2_diffusers.hub.loading.load_pipeline`.
+
+With several processes, both the reference images and the generated ones are dealt out by whole batches; each process
+adds its features to float64 sums (of features and of their outer products) and the sums are added up once over the
+processes (:meth:`~.fid.FeatureFrechetDistance.reduce_state`). Only the main process reads and writes the reference
+statistics file (the others receive the statistics from it), and only it writes results.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import broadcast_object_list
 from diffusers.utils import BaseOutput
 from torch import nn
 
@@ -55,8 +61,13 @@ def dataset_image_batches(
     channels: int = 3,
     batch_size: int = 250,
     max_images: int | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> Iterator[torch.Tensor]:
     """Real images of a dataset as (N, C, H, W) float batches in [0, 1], through the training data code.
+
+    Batch ``b`` (images ``b·batch_size ...``) belongs to process ``b % num_processes``; only this process's batches
+    are decoded and yielded.
 
     Args:
         dataset_name (`str`, *optional*): a Hub dataset, or ``"digits"`` for scikit-learn's digits (offline).
@@ -68,6 +79,7 @@ def dataset_image_batches(
         channels (`int`): 1 or 3.
         batch_size (`int`): images per yielded batch.
         max_images (`int`, *optional*): stop after this many images.
+        process_index (`int`), num_processes (`int`): this process's share of the batches.
     """
     if dataset_name in ("digits", "sklearn_digits"):
         cfg = {"source": "sklearn_digits"}
@@ -86,22 +98,50 @@ def dataset_image_batches(
         raise ValueError(f"the dataset has no image column {image_column!r}; its columns are {ds.column_names}")
     images = EDM2ImageDataset(ds, image_column, None, resolution=resolution, channels=channels)
     total = len(images) if max_images is None else min(len(images), max_images)
-    for start in range(0, total, batch_size):
+    for start in range(process_index * batch_size, total, num_processes * batch_size):
         items = images.__getitems__(list(range(start, min(start + batch_size, total))))
         yield (torch.stack([it["pixel_values"] for it in items]) + 1) / 2
 
 
 @torch.no_grad()
 def compute_reference_stats(
-    image_batches: Iterable[torch.Tensor], feature_extractor: nn.Module, device: torch.device | str = "cpu"
+    image_batches: Iterable[torch.Tensor],
+    feature_extractor: nn.Module,
+    device: torch.device | str = "cpu",
+    accelerator=None,
 ) -> FeatureStats:
-    """Feature statistics of real images given as (N, C, H, W) batches in [0, 1]."""
+    """Feature statistics of real images given as (N, C, H, W) batches in [0, 1].
+
+    With an ``accelerator`` of several processes, each process passes its own share of the images and every process
+    gets the statistics of all of them (the float64 sums are added up once).
+    """
     metric = FeatureFrechetDistance(feature_extractor).to(device)
     for batch in image_batches:
         metric.update(batch.to(device), real=True)
+    metric.reduce_state(accelerator, real=True)
     stats = metric.real_stats()
     stats.feature_extractor = extractor_name(feature_extractor)
     return stats
+
+
+def _from_main(accelerator, make):
+    """``make()`` run on the main process only and its result (or its error) handed to every process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return make()
+    box = [None]
+    if accelerator.is_main_process:
+        try:
+            box = [make()]
+        except Exception as err:  # raised on every process below, so that none waits for the others forever
+            box = [err]
+    broadcast_object_list(box, from_process=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def _digits_batches(process_index: int, num_processes: int) -> list[torch.Tensor]:
+    return [torch.tensor_split(load_digits_split("all")[0], num_processes)[process_index]]
 
 
 def reference_stats(
@@ -112,38 +152,40 @@ def reference_stats(
 ) -> FeatureStats:
     """Reference statistics: read from ``path`` if it exists, else computed once and written there.
 
-    With several processes, only the main process computes and writes; the others wait and read the file.
+    With several processes, the main process looks for ``path`` and reads it (the others receive the statistics, so
+    the file need only be on the main node's disk); if it must be computed, every process takes its share of the
+    images, the sums are merged once, and the main process writes the file.
 
     Args:
         path (`str`, *optional*): the ``.npz`` cache; ``None`` computes without caching.
         feature_extractor (`nn.Module`): the extractor (its ``name`` is stored and checked).
-        image_batches (callable returning an iterable of batches, *optional*): the real images, only called when
-            the statistics must be computed. For the ``digits`` extractor it defaults to scikit-learn's digits.
+        image_batches (callable, *optional*): ``image_batches(process_index, num_processes)`` returns an iterable of
+            this process's batches of real images (see :func:`dataset_image_batches`); only called when the
+            statistics must be computed. For the ``digits`` extractor it defaults to scikit-learn's digits.
         accelerator (`accelerate.Accelerator`, *optional*): for multi-process runs.
     """
     name = extractor_name(feature_extractor)
-    if path is not None and os.path.isfile(path):
-        return FeatureStats.load(path, feature_extractor=name)
+
+    def read():
+        return FeatureStats.load(path, feature_extractor=name) if path and os.path.isfile(path) else None
+
+    cached = _from_main(accelerator, read)
+    if cached is not None:
+        return cached
     if image_batches is None:
         if name != "digits":
             raise ValueError(
                 "no reference statistics: pass --ref_stats FILE of an earlier run, or a dataset to compute them from"
             )
-
-        def image_batches():
-            return [load_digits_split("all")[0]]
-
+        image_batches = _digits_batches
+    index = accelerator.process_index if accelerator is not None else 0
+    count = accelerator.num_processes if accelerator is not None else 1
     device = accelerator.device if accelerator is not None else "cpu"
-    is_main = accelerator is None or accelerator.is_main_process
-    if path is None:
-        return compute_reference_stats(image_batches(), feature_extractor, device)
-    if is_main:
-        stats = compute_reference_stats(image_batches(), feature_extractor, device)
+    stats = compute_reference_stats(image_batches(index, count), feature_extractor, device, accelerator)
+    if path is not None and (accelerator is None or accelerator.is_main_process):
         stats.save(path)
         logger.info("reference statistics of %d images written to %s", stats.num_samples, path)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return FeatureStats.load(path, feature_extractor=name)
+    return stats
 
 
 def default_ref_stats_path(feature_extractor_name: str, dataset: str, split: str = "train", resolution=None) -> str:
@@ -171,7 +213,13 @@ def resolve_reference(
         ref_stats = default_ref_stats_path(name, source, split, dataset.get("resolution"))
     if ref_stats is not None and not ref_stats.endswith(".npz"):
         raise ValueError(f"--ref_stats must name an .npz file, got {ref_stats!r}")
-    batches = (lambda: dataset_image_batches(**dataset)) if source else None
+    if source:
+
+        def batches(process_index, num_processes):
+            return dataset_image_batches(**dataset, process_index=process_index, num_processes=num_processes)
+
+    else:
+        batches = None
     return reference_stats(ref_stats, feature_extractor, batches, accelerator)
 
 
@@ -231,7 +279,8 @@ def evaluate_pipeline(
             class_labels=None if class_labels is None else torch.as_tensor(class_labels).tolist(),
             pipeline_kwargs=pipeline_kwargs,
         )
-        cache = FeatureCache(cache_dir, settings, accelerator is None or accelerator.is_main_process)
+        # One settings file per node: on node-local disks each node's cache must be guarded too.
+        cache = FeatureCache(cache_dir, settings, accelerator is None or accelerator.is_local_main_process)
     confident = torch.zeros(2, dtype=torch.float64)  # [confident count, images with probabilities]
     for _, arrays in iter_generated_features(
         pipeline,
@@ -250,7 +299,7 @@ def evaluate_pipeline(
         if "max_prob" in arrays:
             probs = torch.from_numpy(arrays["max_prob"]).double()
             confident += torch.stack([(probs > confidence_threshold).sum(), torch.tensor(len(probs))]).double()
-    metric.reduce_fake(accelerator)
+    metric.reduce_state(accelerator)
     if accelerator is not None and accelerator.num_processes > 1:
         confident = accelerator.reduce(confident.to(device), reduction="sum").cpu()
     n = int(metric.fake_features_num_samples)

@@ -149,7 +149,7 @@ class FeatureFrechetDistance(FrechetInceptionDistance):
     The metric keeps torchmetrics' state (feature sums, sums of outer products, counts) and its ``compute``. Three
     additions serve resumable, multi-process evaluation: :meth:`update` also accepts features computed earlier (e.g.
     read back from a cache), :meth:`set_reference_stats` loads cached (μ, Σ) of the real data in place of real
-    images, and :meth:`reduce_fake` sums the generated-image state over Accelerate processes. Create it with
+    images, and :meth:`reduce_state` sums the state over Accelerate processes. Create it with
     ``sync_on_compute=False`` (the default here) so that real statistics loaded on every process are not summed.
 
     Args:
@@ -228,11 +228,16 @@ class FeatureFrechetDistance(FrechetInceptionDistance):
         self.real_features_num_samples = torch.tensor(n, device=device)
         self._computed = None
 
-    def reduce_fake(self, accelerator) -> None:
-        """Sum the generated-image state over the processes of an ``accelerate.Accelerator`` (no-op for one)."""
+    def reduce_state(self, accelerator, real: bool = False) -> None:
+        """Sum the generated (or, with ``real``, the real) state over the processes of an ``accelerate.Accelerator``.
+
+        The sums of features and of their outer products are float64, so merging them once is exact up to the order
+        of float64 additions (no-op for one process).
+        """
         if accelerator is None or accelerator.num_processes == 1:
             return
-        for name in ("fake_features_sum", "fake_features_cov_sum", "fake_features_num_samples"):
+        prefix = "real" if real else "fake"
+        for name in (f"{prefix}_features_sum", f"{prefix}_features_cov_sum", f"{prefix}_features_num_samples"):
             value = getattr(self, name)
             reduced = accelerator.reduce(value.to(accelerator.device), reduction="sum")
             setattr(self, name, reduced.to(value.device))

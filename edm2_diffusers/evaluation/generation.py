@@ -3,12 +3,14 @@
 Image ``i`` of an evaluation has seed ``seed + i``. The seeds are cut into batches of ``batch_size`` consecutive seeds
 and the batches are dealt round-robin to the Accelerate processes (:func:`seed_ranges`), so every process owns a
 disjoint set and together they cover the request exactly. A batch is generated with one ``torch.Generator`` seeded by
-its first seed, which makes every batch reproducible on its own, whatever the number of processes.
+its first seed, which makes every batch reproducible on its own, whatever the number of processes (the images do
+depend on ``batch_size``: a batch shares one generator, and the network's arithmetic depends on the batch).
 
 With a ``cache_dir``, the features of every finished batch are written to ``cache_dir/batch-<first>-<last>.npz``
-(atomically) and read back instead of regenerated on the next run: an evaluation that stops resumes where it was.
-``cache_dir/settings.json`` records what the images depend on; a cache made with other settings is refused rather than
-mixed in.
+(atomically, by the process that made them) and read back instead of regenerated on the next run: an evaluation that
+stops resumes where it was (on node-local disks a node finds only the batches it made; any others it is dealt are
+generated again). ``cache_dir/settings.json`` records what the images depend on; a cache made with other settings
+is refused rather than mixed in.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ class FeatureCache:
         cache_dir (`str`): the folder (created if needed).
         settings (`dict`): JSON-serialisable description of everything the images depend on (model, steps, batch
             size, feature extractor, ...). A folder holding another description raises a ``ValueError``.
-        is_main_process (`bool`): only the main process writes ``settings.json``.
+        is_main_process (`bool`): whether this process writes ``settings.json`` (one per node: every process checks
+            it, and each writes its own batches' files, so on node-local disks each node's folder is guarded).
     """
 
     def __init__(self, cache_dir: str, settings: dict, is_main_process: bool = True):
