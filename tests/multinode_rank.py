@@ -1,10 +1,11 @@
 """Test helper: one process of a launched training run that records what every micro-step sees.
 
-Run by ``accelerate launch`` as ``multinode_rank.py CONFIG OUTPUT_DIR RECORD_DIR OVERRIDES_JSON``; it trains through
-the library with :func:`spy` around the loop's ``micro_batch`` and writes into RECORD_DIR ``draws<rank>.safetensors`` (the
-images after flips, σ and ε of every micro-step it ran, keyed ``step.micro.name``), ``weights<rank>.safetensors`` and
-``info<rank>.json``. With ``STOP_AT_STEP=k`` in the environment it writes ``stopped<rank>`` once step k is done (its
-checkpoint written) and waits there to be killed. The tests import :func:`spy` for one-process runs.
+Run by ``accelerate launch`` as ``multinode_rank.py CONFIG OUTPUT_DIR RECORD_DIR OVERRIDES_JSON``; it trains
+through the library with :func:`spy` around the loop's ``micro_batch`` and writes into RECORD_DIR
+``draws<rank>.safetensors`` (the images after flips, σ and ε of every micro-step it ran, keyed ``step.micro.name``),
+``weights<rank>.safetensors`` and ``info<rank>.json``. With ``STOP_AT_STEP=k`` in the environment it writes
+``stopped<rank>`` once step k is done (its checkpoint written) and waits there to be killed. The tests import
+:func:`spy` for one-process runs.
 """
 
 import json

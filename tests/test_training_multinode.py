@@ -122,13 +122,19 @@ def logs(records: Path) -> str:
     return "\n".join(p.read_text()[-3000:] for p in sorted(records.parent.glob(f"{records.name}-*.log")))
 
 
-def two_nodes(cfg, outs, records, overrides=None, stop_at=None) -> tuple[list, set]:
-    """Two nodes of one process each (node R writes into ``outs[R]``); returns the exit codes and addresses seen."""
+def start_two_nodes(cfg, outs, records, overrides=None, stop_at=None) -> list:
+    """Start two nodes of one process each (node R writes into ``outs[R]``)."""
+    records.mkdir()
     port, extra = free_port(), {} if stop_at is None else {"STOP_AT_STEP": str(stop_at)}
-    procs = [
+    return [
         launch(cfg, outs[r], records, overrides, nodes=2, port=port, NODE=str(r), LOG=f"node{r}", **extra)
         for r in (0, 1)
     ]
+
+
+def two_nodes(cfg, outs, records, overrides=None, stop_at=None) -> tuple[list, set]:
+    """Two nodes of one process each (node R writes into ``outs[R]``); returns the exit codes and addresses seen."""
+    procs = start_two_nodes(cfg, outs, records, overrides, stop_at)
     markers = [records / f"stopped{r}" for r in (0, 1)] if stop_at is not None else ()
     seen = wait(procs, stop_markers=markers)
     return [p.returncode for p in procs], seen
@@ -190,14 +196,12 @@ def test_two_nodes_train_are_killed_and_resume_like_one_node_on_shared_and_on_no
 
     # (a) A shared filesystem: both nodes use one output_dir; the main process writes everything there.
     shared, records = tmp_path / "shared", tmp_path / "a"
-    records.mkdir()
     codes, seen = two_nodes(cfg, [shared, shared], records, stop_at=2)
     addresses |= seen
     assert codes == [-signal.SIGKILL] * 2, logs(records)
     assert sorted(p.name for p in shared.glob("checkpoint-*")) == ["checkpoint-2"], logs(records)
     assert not (records / "draws0.safetensors").exists()  # killed: nothing after step 2 was recorded
     records = tmp_path / "a2"
-    records.mkdir()
     codes, seen = two_nodes(cfg, [shared, shared], records, {"training.resume_from_checkpoint": "latest"})
     addresses |= seen
     assert codes == [0, 0], logs(records)
@@ -212,29 +216,41 @@ def test_two_nodes_train_are_killed_and_resume_like_one_node_on_shared_and_on_no
     info = [json.loads((records / f"info{r}.json").read_text()) for r in (0, 1)]
     assert [i["has_ema"] for i in info] == [True, False]  # the EMA lives on the main process alone
 
-    # (b) Node-local disks: each node its own output_dir. Without save_on_each_node the run stops before training.
+    # (b) Node-local disks: each node its own output_dir. Misconfigured runs stop before training, all three at once:
+    # node-local folders without save_on_each_node; one shared folder with it; a node without the checkpoint.
     local = [tmp_path / "node0", tmp_path / "node1"]
-    records = tmp_path / "b0"
-    records.mkdir()
-    codes, _ = two_nodes(cfg, local, records)
-    assert codes[0] != 0 and codes[1] != 0
-    refusal = f"process 1 on {socket.gethostname()} does not see the run lock of the main process"
-    assert refusal in logs(records) and f"in {local[1]}, it sees no lock: output_dir is not shared" in logs(records)
+    on_each = {"training.save_on_each_node": True}
+    copy = [tmp_path / "copy0", tmp_path / "copy1"]
+    shutil.copytree(shared / "checkpoint-4", copy[0] / "checkpoint-4")
+    refusals = [
+        start_two_nodes(cfg, local, tmp_path / "r0"),
+        start_two_nodes(cfg, [tmp_path / "both"] * 2, tmp_path / "r1", on_each),
+        start_two_nodes(cfg, copy, tmp_path / "r2", {**on_each, "training.resume_from_checkpoint": "latest"}),
+    ]
+    wait([p for pair in refusals for p in pair])
+    assert all(p.returncode not in (0, None) for pair in refusals for p in pair)
+    host = socket.gethostname()
+    text = logs(tmp_path / "r0")
+    assert f"process 1 on {host} does not see the run lock of the main process" in text, text
+    assert f"in {local[1]}, it sees no lock: output_dir is not shared by all nodes" in text, text
+    text = logs(tmp_path / "r1")
+    assert "could not lock its node's run folder" in text and f"{tmp_path / 'both'} is in use by pid" in text, text
+    text = logs(tmp_path / "r2")
+    assert "the processes found different checkpoints to resume from" in text, text
+    assert f"{copy[0] / 'checkpoint-4'}; process 1 on {host}: none" in text, text
     assert not list(local[0].glob("checkpoint-*")) and not list(local[1].glob("checkpoint-*"))
+    assert sorted(p.name for p in copy[0].iterdir()) == ["checkpoint-4"] and not copy[1].exists()
     for folder in local:
         shutil.rmtree(folder, ignore_errors=True)
 
     # With save_on_each_node each node's first process writes a complete checkpoint into its own folder.
-    on_each = {"training.save_on_each_node": True}
     records = tmp_path / "b1"
-    records.mkdir()
     codes, seen = two_nodes(cfg, local, records, on_each, stop_at=2)
     addresses |= seen
     assert codes == [-signal.SIGKILL] * 2, logs(records)
     for folder in local:
         assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-2"], logs(records)
     records = tmp_path / "b2"
-    records.mkdir()
     codes, seen = two_nodes(cfg, local, records, {**on_each, "training.resume_from_checkpoint": "latest"})
     addresses |= seen
     assert codes == [0, 0], logs(records)
@@ -277,6 +293,17 @@ def test_elastic_resume_two_processes_to_one_and_one_to_two(tmp_path, reference,
                 {
                     "training.output_dir": str(refused),
                     "training.train_batch_size": 4,
+                    "training.resume_from_checkpoint": str(reference["out"] / "checkpoint-2"),
+                },
+            )
+        )
+    with pytest.raises(ValueError, match="trained with gradient_accumulation_steps 2, this run has 1"):
+        train(
+            load_config(
+                cfg,
+                {
+                    "training.output_dir": str(refused),
+                    "training.gradient_accumulation_steps": 1,
                     "training.resume_from_checkpoint": str(reference["out"] / "checkpoint-2"),
                 },
             )

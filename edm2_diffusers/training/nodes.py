@@ -58,7 +58,7 @@ def resolve_resume(accelerator, resume: str | None, output_dir: str) -> str | No
                 "continue it, or choose a fresh --output_dir"
             )
         step = int(ckpt.read_state(path)["step"]) if path is not None else None
-    except (OSError, ValueError) as err:
+    except Exception as err:  # every process must hear of it, whatever it is
         error, path = err, None
     where = f"process {accelerator.process_index} on {socket.gethostname()}"
     found = _gather(accelerator, (where, None if error is None else str(error), step, path))
