@@ -27,7 +27,7 @@ import socket
 import sys
 import threading
 
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from .files import pid_running
 
@@ -262,7 +262,8 @@ class RunLock:
 
     :meth:`take` is called on every process at the same points; the main process locks (``create``: making the
     folder if needed, else only if it already exists) and tells the others, so that all stop with the same error
-    when it failed. :meth:`release` at the end, also on error.
+    when it failed. With Accelerate's ``save_on_each_node`` (node-local disks, each node writing its own copy of the
+    run folder) the first process of every node locks its node's folder. :meth:`release` at the end, also on error.
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -273,15 +274,23 @@ class RunLock:
     def take(self, accelerator=None, create: bool = True) -> None:
         if self._done:
             return
-        main = accelerator is None or accelerator.is_main_process
-        error, taken = None, False
-        if main and (create or os.path.isdir(self.folder)):
+        per_node = accelerator is not None and accelerator.project_configuration.save_on_each_node
+        main = accelerator is None or accelerator.is_main_process or (per_node and accelerator.is_local_main_process)
+        error, taken = None, self._lock is not None
+        if main and not taken and (create or os.path.isdir(self.folder)):
             try:
                 self._lock = lock_folder(self.folder, purpose="training")
                 taken = True
             except Exception as err:  # every process must hear of it, whatever it is
                 error = f"{type(err).__name__}: {err}" if not isinstance(err, FolderLockedError) else str(err)
-        if accelerator is not None and accelerator.num_processes > 1:
+        if per_node and accelerator.num_processes > 1:  # every node's first process: all hear of every failure
+            gathered = gather_object([(accelerator.process_index, error, taken or not main)])
+            failed = [(index, problem) for index, problem, _ in gathered if problem is not None]
+            if failed and error is None:
+                index, problem = failed[0]
+                raise FolderLockedError(f"process {index} could not lock its node's run folder: {problem}")
+            error, taken = (error if failed else None), all(done for _, _, done in gathered)
+        elif accelerator is not None and accelerator.num_processes > 1:
             error, taken = broadcast_object_list([(error, taken)], from_process=0)[0]
         if error is not None:
             if main:

@@ -65,6 +65,7 @@ FLAGS = {
     "checkpoints_total_limit": "training.checkpoints_total_limit",
     "resume_from_checkpoint": "training.resume_from_checkpoint",
     "rewind": "training.rewind",
+    "save_on_each_node": "training.save_on_each_node",
     "sample_every_steps": "training.sample_every_steps",
     "dataloader_num_workers": "training.dataloader_num_workers",
     "cpu_threads": "training.cpu_threads",

@@ -42,8 +42,10 @@ UNET_CONFIG_NAME = "unet_config.json"
 STATE_NAME = "training_state.json"
 EMA_WEIGHTS_NAME = "ema.safetensors"
 EMA_STATE_NAME = "ema_state.json"
-# What every complete checkpoint holds (Accelerate's model, optimizer and first RNG state, and ours).
-REQUIRED_FILES = (UNET_CONFIG_NAME, STATE_NAME, "model.safetensors", "optimizer.bin", "random_states_0.pkl")
+# What every complete checkpoint holds (Accelerate's model and optimizer, and ours), with the RNG state of at least one
+# process: ``random_states_<i>.pkl`` of each process that wrote into it (a node-local copy holds its node's only).
+REQUIRED_FILES = (UNET_CONFIG_NAME, STATE_NAME, "model.safetensors", "optimizer.bin")
+_RNG_STATE_RE = re.compile(r"^random_states_\d+\.pkl$")
 # Accelerate's torch files, loaded with weights_only=True; anything not named here or below is refused.
 _TORCH_FILE_RE = re.compile(
     r"^(optimizer|scheduler|sampler|dl_state_dict|pytorch_model|model)(_\d+)?\.bin$|^random_states_\d+\.pkl$|^scaler\.pt$"
@@ -65,9 +67,20 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def writes_checkpoints(accelerator) -> bool:
+    """Whether this process writes the run folder's checkpoints (and keeps the EMA they hold): the main process, or
+    with ``ProjectConfiguration(save_on_each_node=True)`` (``training.save_on_each_node``, node-local disks) the first
+    process of every node, each into its own node's ``output_dir``."""
+    if accelerator.project_configuration.save_on_each_node:
+        return accelerator.is_local_main_process
+    return accelerator.is_main_process
+
+
 def missing_files(checkpoint_dir: str | os.PathLike) -> list[str]:
     """What a checkpoint folder lacks to be complete (an empty list: complete)."""
     missing = [n for n in REQUIRED_FILES if not os.path.isfile(os.path.join(checkpoint_dir, n))]
+    if not any(_RNG_STATE_RE.match(n) for n in os.listdir(checkpoint_dir)):
+        missing.append("random_states_<process>.pkl")
     has_weights = os.path.isfile(os.path.join(checkpoint_dir, EMA_WEIGHTS_NAME))
     has_state = os.path.isfile(os.path.join(checkpoint_dir, EMA_STATE_NAME))
     if has_weights != has_state:  # the EMA is optional (ema: null), but never half there
@@ -267,20 +280,23 @@ def read_state(checkpoint_dir: str) -> dict:
 def save_checkpoint(accelerator, output_dir: str, step: int, model_config: dict, state: dict, ema=None) -> str:
     """``accelerator.save_state`` into ``output_dir/checkpoint-<step>`` via a temporary folder; call on every process.
 
-    ``state`` (the training state, plain data) and ``ema`` (the main process's EMA tracker, if any) are written by
-    this module as JSON and safetensors, never pickled.
+    ``state`` (the training state, plain data) and ``ema`` (the EMA tracker of a writing process, if any) are written
+    by this module as JSON and safetensors, never pickled. Every process writes its ``random_states_<i>.pkl``; the
+    rest, and the rename, is the main process's, or each node's first process's with ``save_on_each_node``
+    (:func:`writes_checkpoints`).
 
     Returns:
         `str`: the checkpoint folder.
     """
+    writer = writes_checkpoints(accelerator)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
-    if accelerator.is_main_process and os.path.exists(tmp):
+    if writer and os.path.exists(tmp):
         shutil.rmtree(tmp)  # left over by a run killed while saving
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(tmp)
-        if accelerator.is_main_process:
+        if writer:
             _write_json(os.path.join(tmp, UNET_CONFIG_NAME), dict(model_config))
             _write_json(os.path.join(tmp, STATE_NAME), state)
             if ema is not None:
@@ -291,7 +307,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model_config: dict,
         raise_if_disk_full(err, final)
         raise
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if writer:
         old = None
         if os.path.exists(final):  # resumed from an earlier checkpoint: replace the later one
             old = os.path.join(output_dir, f".old-checkpoint-{step}")
@@ -353,4 +369,5 @@ __all__ = [
     "save_checkpoint",
     "save_ema_state",
     "verify_checkpoint",
+    "writes_checkpoints",
 ]

@@ -84,6 +84,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "checkpoints_total_limit": (None, int, "keep at most this many checkpoints"),
         "resume_from_checkpoint": (None, str, "a checkpoint folder, or 'latest' in output_dir"),
         "rewind": (False, bool, "resuming an earlier checkpoint: move what lies after it into output_dir/abandoned-*"),
+        "save_on_each_node": (
+            False,
+            bool,
+            "several nodes with node-local disks: the first process of every node writes complete checkpoints into "
+            "its own node's output_dir (Accelerate's save_on_each_node; off: output_dir is shared by all nodes)",
+        ),
         "sample_every_steps": (500, int, "save a sample grid every N optimizer steps (0: only at the end)"),
         "dataloader_num_workers": (0, int, "worker processes of the data loader"),
         "cpu_threads": (None, int, "torch intra-op CPU threads per process (null: torch's default)"),

@@ -41,6 +41,7 @@ from ..pipelines import EDM2Pipeline
 from ..run_lock import RunLock
 from ..runs import SAMPLES_SUBDIR, sampling_autocast, scheduler_from_config, write_run_latent_info
 from . import checkpoint as ckpt
+from . import elastic, nodes
 from .compile import CompileWatch, compile_options, compiled_sampler
 from .config import validate_config
 from .draws import micro_batch
@@ -196,14 +197,10 @@ def _prepare(cfg: dict, dataset, run_lock: RunLock, hub_token: str | None = None
 
     torch.manual_seed(train_cfg["seed"])
     unet = build_unet(cfg)
-    resume_dir = ckpt.resolve_resume(train_cfg["resume_from_checkpoint"], output_dir)
+    resume_dir = nodes.resolve_resume(accelerator, train_cfg["resume_from_checkpoint"], output_dir)  # on every node
     if resume_dir is not None:
         ckpt.check_architecture(resume_dir, unet.config)
-    elif ckpt.list_checkpoints(output_dir):
-        raise ValueError(
-            f"{output_dir!r} already holds checkpoints of another run; pass --resume_from_checkpoint latest to "
-            "continue it, or choose a fresh --output_dir"
-        )
+        elastic.check_resume(resume_dir, accelerator.num_processes, per_device, train_cfg)
     rewind = plan_rewind(cfg, resume_dir)  # refuses to continue beside a later trajectory without training.rewind
     ema = build_ema(unet, cfg["ema"]) if cfg.get("ema") is not None else None  # validates on every process
 
@@ -264,10 +261,11 @@ def _start(run: _Run) -> None:
         run.max_steps = max(1, train_cfg["num_epochs"] * batches_per_epoch // train_cfg["gradient_accumulation_steps"])
 
     run.state = TrainingState(batches_per_epoch=batches_per_epoch)  # saved as JSON, the EMA as safetensors by ckpt
-    if not run.main:
-        run.ema = None  # EMA, sample grids and snapshots live on the main process
+    if not ckpt.writes_checkpoints(accelerator):
+        run.ema = None  # the EMA lives where checkpoints are written; snapshots and sample grids: the main process
 
     run.run_lock.take(accelerator)  # a new run folder: created here, locked before anything else is written
+    nodes.check_run_folder(accelerator, output_dir)  # every process sees the folder it should (several nodes)
 
     if run.main:
         os.makedirs(output_dir, exist_ok=True)
@@ -276,9 +274,12 @@ def _start(run: _Run) -> None:
         run.record_resume = open_run(cfg, run.resume_dir, run.rewind, run.ema, run.max_steps)  # run.json, a rewind
         if run.latent_info is not None:
             write_run_latent_info(output_dir, run.latent_info)
+    elif ckpt.writes_checkpoints(accelerator):  # save_on_each_node: a node's own copy of the run folder
+        nodes.prepare_node_folder(output_dir, run.rewind)
     accelerator.wait_for_everyone()
     if run.resume_dir is not None:
-        _load_checkpoint(run, batches_per_epoch)
+        current = {**_layout(run), "batches_per_epoch": batches_per_epoch}
+        elastic.load_checkpoint(accelerator, run.resume_dir, run.state, run.ema, current, run.unet.config.dropout)
     state = run.state
     run.result = TrainingResult(
         unet=run.unet, ema=run.ema, step=state.step, images_seen=state.images_seen, output_dir=output_dir
@@ -287,22 +288,8 @@ def _start(run: _Run) -> None:
     run.result.last_checkpoint = existing[-1][1] if existing else None
 
 
-def _load_checkpoint(run: _Run, batches_per_epoch: int) -> None:
-    run.accelerator.load_state(run.resume_dir)  # every file was checked by ckpt.verify_checkpoint
-    state = run.state
-    state.load_state_dict(ckpt.read_state(run.resume_dir))
-    if run.ema is not None:
-        ckpt.load_ema_state(run.ema, run.resume_dir)
-    if state.batches_per_epoch != batches_per_epoch:
-        logger.warning(
-            "the checkpoint was written with %d batches per epoch and process, this run has %d: the data order "
-            "differs from an uninterrupted run",
-            state.batches_per_epoch,
-            batches_per_epoch,
-        )
-        state.batches_per_epoch = batches_per_epoch
-    if run.main:
-        logger.info("resumed from %s at step %d (%d images seen)", run.resume_dir, state.step, state.images_seen)
+def _layout(run: _Run) -> dict:
+    return elastic.layout(run.accelerator.num_processes, run.per_device, run.cfg["training"], len(run.train_set))
 
 
 def _log_start(run: _Run) -> None:
@@ -384,6 +371,7 @@ def _after_step(run: _Run, mean_loss: float, rate: float, progress) -> None:
     lr = run.optimizer.param_groups[0]["lr"]
     if run.ema is not None:
         run.ema.update(cur_nimg=state.images_seen, batch_size=run.step_images)
+    if run.main and run.ema is not None:
         run.ema.after_step(output_dir, step=step, nimg=state.images_seen, final=final)
     if train_cfg["report_to"] != "none":
         logs = {"loss": mean_loss, "lr": lr, "images_seen": state.images_seen, "images_per_sec": rate}
@@ -407,18 +395,17 @@ def _save_checkpoint(run: _Run) -> None:
         **state.state_dict(),
         "epoch": epoch,
         "batch_in_epoch": batch,
-        "num_processes": accelerator.num_processes,
-        "global_batch_size": run.global_batch,
+        **_layout(run),
         "mixed_precision": train_cfg["mixed_precision"],
         "torch_compile": train_cfg["torch_compile"],
     }
     run.result.last_checkpoint = ckpt.save_checkpoint(
         accelerator, output_dir, state.step, dict(run.unet.config), summary, ema=run.ema
     )
-    if run.main:
-        if run.record_resume is not None:
-            run.record_resume()
-            run.record_resume = None
+    if run.main and run.record_resume is not None:
+        run.record_resume()
+        run.record_resume = None
+    if ckpt.writes_checkpoints(accelerator):
         for path in ckpt.prune_checkpoints(output_dir, train_cfg["checkpoints_total_limit"]):
             logger.info("removed old checkpoint %s", path)
     accelerator.wait_for_everyone()

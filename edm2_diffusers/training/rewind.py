@@ -101,7 +101,8 @@ def plan_rewind(cfg: dict, resume_dir: str | None) -> list[str]:
     return [p for paths in after.values() for p in paths] if rewind else []
 
 
-def _move_aside(output_dir: str, paths: list[str]) -> tuple[str, list[str]]:
+def move_aside(output_dir: str, paths: list[str]) -> tuple[str, list[str]]:
+    """Move ``paths`` into a new ``output_dir/abandoned-<time>/`` (nothing is deleted); (its name, what moved)."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     name, n = f"{ABANDONED_PREFIX}{stamp}", 1
     while os.path.exists(os.path.join(output_dir, name)):
@@ -144,7 +145,7 @@ def open_run(cfg: dict, resume_dir: str | None, rewind: list[str], ema, max_step
     overrides = {}
     if resume_dir is not None:
         if rewind:
-            name, moved = _move_aside(output_dir, rewind)
+            name, moved = move_aside(output_dir, rewind)
             branch = record_rewind(record, step, name, moved)
             logger.warning(
                 "rewound to step %d: moved %d entries into %s; new branch %s", step, len(moved), name, branch
@@ -172,4 +173,4 @@ def open_run(cfg: dict, resume_dir: str | None, rewind: list[str], ema, max_step
     return None
 
 
-__all__ = ["ABANDONED_PREFIX", "after_checkpoint", "open_run", "plan_rewind"]
+__all__ = ["ABANDONED_PREFIX", "after_checkpoint", "move_aside", "open_run", "plan_rewind"]

@@ -45,7 +45,9 @@ def make_accelerator(train_cfg: dict):
         dynamo_backend="no",
         log_with=None if report_to == "none" else report_to,
         project_config=ProjectConfiguration(
-            project_dir=output_dir, logging_dir=os.path.join(output_dir, train_cfg["logging_dir"])
+            project_dir=output_dir,
+            logging_dir=os.path.join(output_dir, train_cfg["logging_dir"]),
+            save_on_each_node=train_cfg.get("save_on_each_node", False),  # node-local disks (training.nodes)
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg["seed"]),
         # NVIDIA's fp16 recipe: loss scale 1 and non-finite gradients zeroed, instead of a dynamic GradScaler

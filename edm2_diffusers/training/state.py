@@ -40,7 +40,8 @@ class TrainingResult:
 
     Args:
         unet (`EDM2UNet2DModel`): the trained (raw, not averaged) model, unwrapped.
-        ema: the EMA tracker on the main process (``None`` elsewhere or when disabled).
+        ema: the EMA tracker on the main process (``None`` elsewhere or when disabled; with
+            ``training.save_on_each_node`` also on the first process of every node, which checkpoints it).
         step (`int`): optimizer steps done.
         images_seen (`int`): training images seen over all processes.
         output_dir (`str`): the run folder.
