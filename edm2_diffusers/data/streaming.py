@@ -158,7 +158,8 @@ class StreamReader:
         self.num_classes = model_cfg.get("num_class_embeds")
         self.rank, self.world, self.batch_size, self.seed = rank, world, batch_size, seed
         self.epoch, self.position = 0, 0  # the pass, and the examples of it read so far
-        self._resume: dict | None = None
+        self._resume: dict | None = None  # a loaded dataset state, applied when the epoch is opened
+        self._opened = None  # an iterator already at the position (seek)
 
     def state_dict(self) -> dict:
         """The position after the last batch yielded: plain data (JSON)."""
@@ -195,29 +196,42 @@ class StreamReader:
         self.epoch, self.position = int(state["epoch"]), int(state["examples_in_epoch"])
         self._resume = state["dataset_state"]
 
+    def _open_epoch(self):
+        """An iterator over the current epoch from the current position (a resumed position: restored or replayed)."""
+        self.dataset.set_epoch(self.epoch)
+        saved, self._resume = self._resume, None
+        if saved is not None and self.buffer_size <= 1:
+            self.dataset.load_state_dict(saved)  # nothing buffered: the dataset's own state is the position
+            return iter(self.dataset)
+        iterator = iter(self.dataset)
+        for _ in range(self.position):  # replay up to the saved position (bytes only: images decode per batch)
+            if next(iterator, None) is None:
+                raise ValueError(
+                    f"the stream ended before the checkpoint's position (epoch {self.epoch}, {self.position} "
+                    "examples): the data changed since; resume on the same data"
+                )
+        if saved is not None and self.dataset.state_dict() != saved:
+            raise ValueError(
+                f"the stream read again up to the checkpoint's position (epoch {self.epoch}, {self.position} "
+                "examples) is not where the checkpoint left it: the data changed since; resume on the same data"
+            )
+        return iterator
+
+    def seek(self) -> None:
+        """Go to the current position now (after :meth:`load_state_dict`), so that a resume fails before training
+        if the data changed."""
+        self._opened = self._open_epoch()
+
     def _examples(self):
         """The examples of the passes, from the current position on, forever."""
         while True:
-            self.dataset.set_epoch(self.epoch)
-            start, saved, self._resume = self.position, self._resume, None
-            if saved is not None and self.buffer_size <= 1:
-                self.dataset.load_state_dict(saved)  # nothing buffered: the dataset's own state is the position
-                start = 0
-            iterator = iter(self.dataset)
-            for _ in range(start):  # replay up to the saved position (bytes only: images decode per batch)
-                if next(iterator, None) is None:
-                    raise ValueError(f"the stream ended before the checkpoint's position ({start} examples)")
-            if saved is not None and start and self.dataset.state_dict() != saved:
-                raise ValueError(
-                    f"the stream read again up to the checkpoint's position (epoch {self.epoch}, {start} examples) "
-                    "is not where the checkpoint left it: the data changed since; resume on the same data"
-                )
-            read = 0
+            iterator, self._opened = self._opened or self._open_epoch(), None
+            start, read = self.position, 0
             for example in iterator:
                 read += 1
                 self.position += 1
                 yield example
-            if read == 0 and start == 0 and saved is None:
+            if read == 0 and start == 0:
                 raise ValueError(
                     f"process {self.rank} of {self.world} got no examples of the stream: it has fewer examples "
                     "(or files) than processes"

@@ -170,7 +170,7 @@ def _train(cfg: dict, dataset, hub_token: str | None, run_lock: RunLock) -> Trai
             logger.info("nothing to do: the run is at step %d of %d", run.state.step, run.max_steps)
         return _finish(run, hub_token)
     _log_start(run)
-    stream = iter(run.dataloader) if run.cfg["data"].get("streaming") else _batch_stream(run)  # a stream knows its place
+    stream = iter(run.dataloader) if run.cfg["data"].get("streaming") else _batch_stream(run)  # .streaming
     progress = _progress(run.main, run.state.step, run.max_steps)
     speed = _Speed()
     while run.state.step < run.max_steps:

@@ -86,6 +86,7 @@ class StreamLoader:
             )
         with open(path, encoding="utf-8") as f:
             self.reader.load_state_dict(json.load(f))  # refuses another number of processes
+        self.reader.seek()  # replays a buffered epoch now: changed data stops the resume before training
 
 
 def open_training_stream(cfg: dict, dataset, source: str, accelerator, per_device: int, global_batch: int):
