@@ -81,7 +81,11 @@ def seen(monkeypatch):
     real = training_loop.micro_batch
 
     def record(cfg, batch, *args):
+        if "pixel_values" not in batch:  # latents
+            return real(cfg, batch, *args)
         batches.append([digit_hash(image) for image in batch["pixel_values"].numpy()])
+        if "class_labels" in batch:
+            batches[-1] = list(zip(batches[-1], batch["class_labels"].tolist()))
         return real(cfg, batch, *args)
 
     monkeypatch.setattr(training_loop, "micro_batch", record)
@@ -197,13 +201,27 @@ def test_stream_bad_input_is_refused_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
-def test_epochs_of_a_bounded_stream_and_latent_streams(tmp_path, latent_data):  # noqa: F811
+def test_epochs_of_a_bounded_stream_image_folders_and_latents(tmp_path, seen, latent_data):  # noqa: F811
     """num_epochs counts passes when the length is known (here bounded by max_train_samples): ⌊2·16/8⌋ = 4 steps.
-    A latent dataset streams too, and resumes exactly."""
+    A labelled image folder streams with its labels, and a latent dataset streams and resumes exactly."""
     data = write_parquet(tmp_path / "digits", 20)
     cfg = config(tmp_path / "epochs", data, max_train_steps=None, num_epochs=2)
     cfg["data"]["max_train_samples"] = 16
     assert train(cfg).step == 4
+
+    digits = load_digits_dataset().select(range(16))
+    truth = {}
+    for i, row in enumerate(digits):
+        (tmp_path / "folder" / str(row["label"])).mkdir(parents=True, exist_ok=True)
+        row["image"].save(tmp_path / "folder" / str(row["label"]) / f"{i}.png")
+        truth[digit_hash(image_to_array(row["image"], 8, 1))] = row["label"]
+    seen.clear()
+    cfg = config(tmp_path / "folder-run", tmp_path / "folder", max_train_steps=2)
+    cfg["model"]["num_class_embeds"] = 10
+    cfg["data"]["label_column"] = "label"
+    train(cfg)
+    pairs = [pair for batch in seen for pair in batch]
+    assert len(pairs) == 16 and dict(pairs) == truth  # every image once, with its folder's label
 
     straight, resumed = tmp_path / "latent-straight", tmp_path / "latent-resumed"
     streaming = {"streaming": True, "shuffle_buffer_size": 4}
