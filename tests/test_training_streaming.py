@@ -156,6 +156,10 @@ def test_resuming_a_stream_refuses_changed_data_and_settings(tmp_path):
     again = config(tmp_path / "plain", data, max_train_steps=2, resume_from_checkpoint="latest")
     with pytest.raises(ValueError, match="it was not written by a streaming run"):
         train(again)
+    as_table = config(out, data, max_train_steps=5, resume_from_checkpoint="latest")
+    as_table["data"]["streaming"] = False
+    with pytest.raises(ValueError, match="was written by a streaming run; resume it with --streaming"):
+        train(as_table)
     os.remove(data / "part-3.parquet")  # the stream is not the one the checkpoint read
     with pytest.raises(ValueError, match="the data changed since; resume on the same data"):
         train(config(out, data, max_train_steps=5, resume_from_checkpoint="latest"))

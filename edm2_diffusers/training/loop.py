@@ -51,7 +51,7 @@ from .rewind import open_run, plan_rewind
 from .schedule import schedule_in_images, step_learning_rate
 from .setup import batch_sizes, check_latents, flat_config, load_sampling_vae, make_accelerator
 from .state import NonFiniteLossError, TrainingResult, TrainingState
-from .streaming import open_training_stream
+from .streaming import open_training_stream, refuse_stream_checkpoint
 from .trackers import log_sample_grid
 
 logger = get_logger(__name__)
@@ -213,6 +213,7 @@ def _prepare(cfg: dict, dataset, run_lock: RunLock, hub_token: str | None = None
     if streaming:  # an IterableDataset, a shard per process, no DataLoader (.streaming)
         hf_dataset, train_set = open_training_stream(cfg, dataset, source, accelerator, per_device, global_batch)
     else:
+        refuse_stream_checkpoint(resume_dir)
         hf_dataset = load_train_dataset(data_cfg, dataset)
         resolution = check_dataset(hf_dataset, data_cfg, cfg["model"], source)
         train_set = build_image_dataset(hf_dataset, data_cfg, cfg["model"], source, resolution, seed=train_cfg["seed"])

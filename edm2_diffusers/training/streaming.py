@@ -12,7 +12,8 @@ own shard (``split_dataset_by_node``). Its batches are moved to the device by :c
   as ``stream_state_<rank>.json`` into the checkpoint folder while Accelerate saves it (a save-state hook, so it is
   inside the folder before the folder is renamed into place); JSON like the rest of our state, checked by
   :func:`~edm2_diffusers.training.checkpoint.verify_checkpoint` before anything is loaded. Resuming reads it back
-  through a load-state hook, on the same number of processes only.
+  through a load-state hook, on the same number of processes only; a run without ``data.streaming`` refuses such a
+  checkpoint (:func:`refuse_stream_checkpoint`), and a streaming run one without positions.
 """
 
 from __future__ import annotations
@@ -89,6 +90,19 @@ class StreamLoader:
         self.reader.seek()  # replays a buffered epoch now: changed data stops the resume before training
 
 
+def refuse_stream_checkpoint(resume_dir: str | None) -> None:
+    """A run of map-style data does not continue a streaming run's checkpoint: its data order would differ silently.
+
+    Raises:
+        ValueError: ``resume_dir`` holds stream positions.
+    """
+    if resume_dir is not None and os.path.isfile(os.path.join(resume_dir, STREAM_STATE_NAME.format(rank=0))):
+        raise ValueError(
+            f"checkpoint {resume_dir} was written by a streaming run; resume it with --streaming "
+            "(data.streaming: true)"
+        )
+
+
 def open_training_stream(cfg: dict, dataset, source: str, accelerator, per_device: int, global_batch: int):
     """``(dataset, loader)`` of a streaming run: the checked stream (a latent run: its table, which carries the
     constants) and its :class:`StreamLoader`, registered to save and load its position with every checkpoint.
@@ -136,4 +150,10 @@ def open_training_stream(cfg: dict, dataset, source: str, accelerator, per_devic
     return (table if table is not None else ds), loader
 
 
-__all__ = ["STREAM_STATE_NAME", "StreamLoader", "check_streaming_config", "open_training_stream"]
+__all__ = [
+    "STREAM_STATE_NAME",
+    "StreamLoader",
+    "check_streaming_config",
+    "open_training_stream",
+    "refuse_stream_checkpoint",
+]
