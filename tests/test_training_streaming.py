@@ -226,6 +226,10 @@ def test_epochs_of_a_bounded_stream_image_folders_and_latents(tmp_path, seen, la
     train(cfg)
     pairs = [pair for batch in seen for pair in batch]
     assert len(pairs) == 16 and dict(pairs) == truth  # every image once, with its folder's label
+    (tmp_path / "folder" / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    cfg["training"].update(output_dir=str(tmp_path / "broken-run"), max_train_steps=3)  # reads all 17 files
+    with pytest.raises(ValueError, match=r"cannot read the image of .*broken\.png"):  # met while streaming
+        train(cfg)
 
     straight, resumed = tmp_path / "latent-straight", tmp_path / "latent-resumed"
     streaming = {"streaming": True, "shuffle_buffer_size": 4}

@@ -127,9 +127,14 @@ def _image(value, where: str) -> Image.Image:
         return value
     if isinstance(value, dict):
         try:
-            return open_image_value(value)[0]
+            image = open_image_value(value)[0]
+            image.load()  # decode here, so that a broken file is named
+            return image
         except Exception as err:  # PIL raises many types for broken files
-            raise ValueError(f"cannot read the image of {where} ({value.get('path') or 'bytes'}): {err}") from None
+            raise ValueError(
+                f"cannot read the image of {where} ({value.get('path') or 'bytes'}): {err}. Corrupt files stop the "
+                "run (the checkpoints written before stay); remove or repair it"
+            ) from None
     raise ValueError(f"{where} holds no image but a {type(value).__name__}")
 
 
