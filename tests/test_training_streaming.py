@@ -74,6 +74,14 @@ def config(out: Path, data: Path, **training):
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def _no_shutdown_pause(monkeypatch):
+    """``datasets`` pauses 5 s whenever a shuffled parquet stream's reader threads stop (the end of every epoch, and
+    every iterator left unfinished: a workaround for apache/arrow#45214 at interpreter exit); these tests stop many
+    streams, and the pause changes nothing they read."""
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+
 @pytest.fixture
 def seen(monkeypatch):
     """The images of every micro-batch the training loop draws from, by name, in order (the real loop runs)."""
@@ -249,6 +257,7 @@ def test_epochs_of_a_bounded_stream_image_folders_and_latents(tmp_path, seen, la
 
 RANK_SCRIPT = """
 import hashlib, json, os, sys
+import datasets
 import numpy as np
 from edm2_diffusers.training import load_config, train
 from edm2_diffusers.training import loop
@@ -260,6 +269,7 @@ def record(cfg, batch, *args):
                 for x in batch["pixel_values"].numpy())
     return real(cfg, batch, *args)
 loop.micro_batch = record
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # see _no_shutdown_pause
 out = sys.argv[2]
 result = train(load_config(sys.argv[1], {"training.output_dir": out, **json.loads(sys.argv[3])}))
 with open(os.path.join(out, f"seen{os.environ['RANK']}.json"), "w") as f:
