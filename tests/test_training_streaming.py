@@ -21,7 +21,7 @@ from test_training_latents import config as latent_config
 from test_training_latents import latent_data  # noqa: F401  (a fixture)
 from test_training_multiprocess import launch_two
 
-from edm2_diffusers.data import image_to_array, load_digits_dataset
+from edm2_diffusers.data import image_to_array, load_digits_dataset, load_train_dataset, resolve_source
 from edm2_diffusers.training import load_config, train
 from edm2_diffusers.training import loop as training_loop
 
@@ -118,6 +118,11 @@ def test_stream_batches_follow_the_seeded_shuffle_buffer(tmp_path, seen):
     assert sorted(order[20:40]) == sorted(order[:20])
     state = json.loads((tmp_path / "run" / "checkpoint-5" / "stream_state_0.json").read_text())
     assert (state["epoch"], state["examples_in_epoch"], state["num_processes"]) == (1, 20, 1)
+    # Without --streaming the same folder of parquet files is a map-style dataset (found by its files).
+    data_cfg = {"train_data_dir": str(data)}
+    assert resolve_source(data_cfg) == "parquet"
+    table = load_train_dataset(data_cfg)
+    assert sorted(digit_hash(image_to_array(image, 8, 1)) for image in table["image"]) == sorted(order[:20])
 
 
 @pytest.mark.parametrize("buffer", [0, 16], ids=["dataset-state", "replayed-buffer"])
