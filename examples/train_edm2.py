@@ -11,7 +11,9 @@ continues a run exactly where it stopped. Mixed precision is Accelerate's (``acc
 dynamo backend) compiles the U-Net; ``--pretrained_model_name_or_path EXPORT [--variant ema0100]`` fine-tunes an
 exported pipeline's U-Net. At the end the EMA is exported as a diffusers pipeline into ``OUTPUT_DIR/pipeline``
 (``--no-export_pipeline`` skips it) and pushed with ``--push_to_hub --hub_model_id USER/NAME [--hub_private_repo]``;
-the token's write access is checked before training starts. The digits quickstart ends by printing the digits metrics
+the token's write access is checked before training starts. ``--streaming`` reads the dataset as it trains (a
+``datasets.IterableDataset``: a shard per process, a seeded ``--shuffle_buffer_size`` buffer, exact resume). The
+digits quickstart ends by printing the digits metrics
 of samples of the exported pipeline.
 """
 
@@ -40,6 +42,8 @@ FLAGS = {
     "center_crop": "data.center_crop",
     "random_flip": "data.random_flip",
     "max_train_samples": "data.max_train_samples",
+    "streaming": "data.streaming",
+    "shuffle_buffer_size": "data.shuffle_buffer_size",
     "train_batch_size": "training.train_batch_size",
     "total_batch_size": "training.total_batch_size",
     "gradient_accumulation_steps": "training.gradient_accumulation_steps",

@@ -1,8 +1,9 @@
-"""Training data through Hugging Face ``datasets``: Hub datasets, local image folders, in-memory datasets, the
-8×8 handwritten digits that scikit-learn ships (the offline quickstart), and latent datasets written by
+"""Training data through Hugging Face ``datasets``: Hub datasets, local image folders or parquet files, in-memory
+datasets, the 8×8 handwritten digits that scikit-learn ships (the offline quickstart), and latent datasets written by
 ``examples/encode_latents.py`` (``save_to_disk`` folders of VAE posterior moments, see :mod:`.latents`).
 
-The torch datasets that turn rows into tensors are in :mod:`.tensors`.
+The torch datasets that turn rows into tensors are in :mod:`.tensors`; streaming (``data.streaming``) is in
+:mod:`.streaming`.
 
 A corrupt image file in a local image folder stops the run before training, naming the file: silently training on
 fewer images would change the run without anyone noticing.
@@ -58,10 +59,16 @@ def is_saved_dataset(folder: str) -> bool:
     )
 
 
-def resolve_source(data_cfg: dict, dataset=None) -> str:
-    """Which kind of data ``data_cfg`` names: ``memory``, ``sklearn_digits``, ``imagefolder``, ``latents`` or ``hub``.
+def _has_files(folder: str, extensions: tuple[str, ...]) -> bool:
+    return any(os.path.splitext(name)[1].lower() in extensions for _, _, names in os.walk(folder) for name in names)
 
-    A ``train_data_dir`` that ``save_to_disk`` wrote (``state.json`` and ``dataset_info.json``) is a latent dataset.
+
+def resolve_source(data_cfg: dict, dataset=None) -> str:
+    """Which kind of data ``data_cfg`` names: ``memory``, ``sklearn_digits``, ``imagefolder``, ``parquet``,
+    ``latents`` or ``hub``.
+
+    A ``train_data_dir`` that ``save_to_disk`` wrote (``state.json`` and ``dataset_info.json``) is a latent dataset;
+    one holding ``.parquet`` files and no images is read with ``datasets``' parquet builder.
     """
     if dataset is not None:
         return "memory"
@@ -71,10 +78,48 @@ def resolve_source(data_cfg: dict, dataset=None) -> str:
     if source is not None:
         return source
     if data_cfg.get("train_data_dir"):
-        return "latents" if is_saved_dataset(data_cfg["train_data_dir"]) else "imagefolder"
+        folder = data_cfg["train_data_dir"]
+        if is_saved_dataset(folder):
+            return "latents"
+        parquet = os.path.isdir(folder) and _has_files(folder, (".parquet",))
+        return "parquet" if parquet and not _has_files(folder, IMAGE_EXTENSIONS) else "imagefolder"
     if data_cfg.get("dataset_name"):
         return "hub"
     raise ValueError("no training data: give --dataset_name (Hub), --train_data_dir (image folder) or data.source")
+
+
+def load_files_dataset(source: str, data_cfg: dict, streaming: bool = False):
+    """``datasets.load_dataset`` of a Hub dataset, a local image folder or local parquet files (``source`` ``hub``,
+    ``imagefolder`` or ``parquet``), after checking that the named dataset or folder is there.
+
+    Args:
+        source (`str`): ``hub``, ``imagefolder`` or ``parquet``.
+        data_cfg (`dict`): the ``data`` section.
+        streaming (`bool`): ``datasets``' streaming mode: an ``IterableDataset`` that reads the files as it goes.
+    """
+    split = data_cfg.get("dataset_split") or "train"
+    if source == "hub":
+        if not data_cfg.get("dataset_name"):
+            raise ValueError("data.source is 'hub' but no --dataset_name was given")
+        return datasets.load_dataset(
+            data_cfg["dataset_name"],
+            data_cfg.get("dataset_config_name"),
+            split=split,
+            cache_dir=data_cfg.get("cache_dir"),
+            streaming=streaming,
+        )
+    folder = data_cfg.get("train_data_dir")
+    if not folder:
+        raise ValueError(f"data.source is {source!r} but no --train_data_dir was given")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--train_data_dir {folder!r} is not a directory")
+    extensions = IMAGE_EXTENSIONS if source == "imagefolder" else (".parquet",)
+    if not _has_files(folder, extensions):
+        what = "image" if source == "imagefolder" else "parquet"
+        raise ValueError(f"--train_data_dir {folder!r} holds no {what} files ({', '.join(extensions)})")
+    return datasets.load_dataset(
+        source, data_dir=folder, split=split, cache_dir=data_cfg.get("cache_dir"), streaming=streaming
+    )
 
 
 def load_train_dataset(data_cfg: dict, dataset=None):
@@ -92,22 +137,8 @@ def load_train_dataset(data_cfg: dict, dataset=None):
         ds = dataset
     elif source == "sklearn_digits":
         ds = load_digits_dataset()
-    elif source == "imagefolder":
-        folder = data_cfg.get("train_data_dir")
-        if not folder:
-            raise ValueError("data.source is 'imagefolder' but no --train_data_dir was given")
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"--train_data_dir {folder!r} is not a directory")
-        if not any(
-            os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for _, _, names in os.walk(folder) for name in names
-        ):
-            raise ValueError(f"--train_data_dir {folder!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        ds = datasets.load_dataset(
-            "imagefolder",
-            data_dir=folder,
-            split=data_cfg.get("dataset_split") or "train",
-            cache_dir=data_cfg.get("cache_dir"),
-        )
+    elif source in ("hub", "imagefolder", "parquet"):
+        ds = load_files_dataset(source, data_cfg)
     elif source == "latents":
         folder = data_cfg.get("train_data_dir")
         if not folder:
@@ -118,21 +149,14 @@ def load_train_dataset(data_cfg: dict, dataset=None):
                 "(no state.json / dataset_info.json)"
             )
         ds, _ = load_latent_dataset(folder)  # also checks that it carries the standardization constants
-    elif source == "hub":
-        if not data_cfg.get("dataset_name"):
-            raise ValueError("data.source is 'hub' but no --dataset_name was given")
-        ds = datasets.load_dataset(
-            data_cfg["dataset_name"],
-            data_cfg.get("dataset_config_name"),
-            split=data_cfg.get("dataset_split") or "train",
-            cache_dir=data_cfg.get("cache_dir"),
-        )
     else:
         raise ValueError(f"unknown data.source {source!r}")
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"expected one split, got a DatasetDict with splits {list(ds)}; set data.dataset_split")
+    if isinstance(ds, datasets.IterableDataset):
+        raise ValueError("an IterableDataset is read with data.streaming: true (--streaming)")
     if not isinstance(ds, datasets.Dataset):
-        raise ValueError(f"expected a map-style datasets.Dataset, got {type(ds).__name__} (streaming is unsupported)")
+        raise ValueError(f"expected a map-style datasets.Dataset, got {type(ds).__name__}")
     if data_cfg.get("max_train_samples") is not None and data_cfg["max_train_samples"] < len(ds):
         ds = ds.select(range(data_cfg["max_train_samples"]))
     return ds
@@ -147,7 +171,7 @@ def dataset_columns(source: str, data_cfg: dict) -> tuple[str, str | None]:
     return data_cfg.get("image_column") or "image", data_cfg.get("label_column")
 
 
-def _open_encoded(value) -> tuple[Image.Image, str]:
+def open_image_value(value) -> tuple[Image.Image, str]:
     """Open an undecoded ``datasets.Image`` value ({"bytes", "path"}) lazily; return the image and a name for it."""
     path = value.get("path")
     name = path or "<in-memory image>"
@@ -158,8 +182,8 @@ def _open_encoded(value) -> tuple[Image.Image, str]:
     return Image.open(path), name
 
 
-def _check_labels(ds, label_column: str | None, model_cfg: dict) -> None:
-    """A label column exactly when the model is class-conditional, holding class ids in range."""
+def check_label_column(label_column: str | None, model_cfg: dict) -> None:
+    """A label column is given exactly when the model is class-conditional."""
     num_classes = model_cfg.get("num_class_embeds")
     if label_column is not None and not num_classes:
         raise ValueError(
@@ -171,6 +195,12 @@ def _check_labels(ds, label_column: str | None, model_cfg: dict) -> None:
             f"the model is class-conditional (model.num_class_embeds={num_classes}) but no label column was given "
             "(set --label_column)"
         )
+
+
+def _check_labels(ds, label_column: str | None, model_cfg: dict) -> None:
+    """A label column exactly when the model is class-conditional, holding class ids in range."""
+    check_label_column(label_column, model_cfg)
+    num_classes = model_cfg.get("num_class_embeds")
     if label_column is not None:
         if label_column not in ds.column_names:
             raise ValueError(f"the dataset has no label column {label_column!r}; its columns are {ds.column_names}")
@@ -258,13 +288,13 @@ def check_dataset(ds, data_cfg: dict, model_cfg: dict, source: str) -> int:
         for batch in raw.iter(batch_size=1024):
             for value in batch[image_column]:
                 try:
-                    img, name = _open_encoded(value)
+                    img, name = open_image_value(value)
                     sizes.add(img.size)
                     if verify:
                         # verify() checks the file's structure and checksums only; decoding it (after a fresh
                         # open, as verify() leaves the image unusable) catches pixel data that does not decode.
                         img.verify()
-                        _open_encoded(value)[0].load()
+                        open_image_value(value)[0].load()
                 except Exception as err:  # PIL raises many types for broken files
                     where = value.get("path") or "<in-memory image>"
                     raise ValueError(
@@ -272,6 +302,13 @@ def check_dataset(ds, data_cfg: dict, model_cfg: dict, source: str) -> int:
                         "remove or repair it"
                     ) from None
                 row += 1
+    return resolve_resolution(sizes, data_cfg, model_cfg)
+
+
+def resolve_resolution(sizes: set[tuple[int, int]], data_cfg: dict, model_cfg: dict) -> int:
+    """The training resolution: ``data.resolution``, else the one square size of the images (``sizes``, (w, h)),
+    checked against the model's ``sample_size``."""
+    resolution = data_cfg.get("resolution")
     if resolution is None:
         if len(sizes) > 1:
             shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:5])
@@ -279,7 +316,7 @@ def check_dataset(ds, data_cfg: dict, model_cfg: dict, source: str) -> int:
                 f"the images have {len(sizes)} different sizes ({shown}{', ...' if len(sizes) > 5 else ''}); "
                 "pass --resolution to resize and centre-crop them to one size"
             )
-        width, height = sizes.pop()
+        width, height = next(iter(sizes))
         if width != height:
             raise ValueError(f"the images are {width}x{height}, not square; pass --resolution to centre-crop them")
         resolution = width
@@ -294,9 +331,13 @@ def check_dataset(ds, data_cfg: dict, model_cfg: dict, source: str) -> int:
 
 __all__ = [
     "check_dataset",
+    "check_label_column",
     "dataset_columns",
     "is_saved_dataset",
     "load_digits_dataset",
+    "load_files_dataset",
     "load_train_dataset",
+    "open_image_value",
+    "resolve_resolution",
     "resolve_source",
 ]

@@ -24,8 +24,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
         "source": (
             None,
             str,
-            "hub | imagefolder | latents | sklearn_digits | memory (default: from dataset_name / train_data_dir; a "
-            "train_data_dir written by examples/encode_latents.py is a latent dataset)",
+            "hub | imagefolder | parquet | latents | sklearn_digits | memory (default: from dataset_name / "
+            "train_data_dir; a train_data_dir written by examples/encode_latents.py is a latent dataset, one of "
+            "parquet files without images is parquet)",
         ),
         "dataset_name": (None, str, "a dataset on the Hugging Face Hub, e.g. uoft-cs/cifar10"),
         "dataset_config_name": (None, str, "the Hub dataset's configuration name"),
@@ -53,6 +54,17 @@ SCHEMA: dict[str, dict[str, tuple[Any, type, str]]] = {
             "null: one bicubic resize of the shorter side, then the centre square | dhariwal: ADM's centre crop "
             "(box-filter halving while the shorter side is >= 2x resolution, bicubic resize, centre square), as "
             "NVIDIA's dataset_tool.py --transform=center-crop-dhariwal; needs data.resolution",
+        ),
+        "streaming": (
+            False,
+            bool,
+            "read the data as a datasets.IterableDataset while training (Hub, image folder, parquet, latents): each "
+            "process its own shard, a seeded shuffle buffer, exact resume on the same number of processes",
+        ),
+        "shuffle_buffer_size": (
+            1000,
+            int,
+            "streaming: examples in each process's shuffle buffer (0: shuffle the order of the files only)",
         ),
     },
     "training": {
@@ -331,7 +343,7 @@ def validate_config(cfg: dict) -> dict:
         )
     if train["output_dir"] is None:
         raise ValueError("no output directory: pass --output_dir (or set training.output_dir)")
-    sources = ("hub", "imagefolder", "latents", "sklearn_digits", "memory")
+    sources = ("hub", "imagefolder", "parquet", "latents", "sklearn_digits", "memory")
     if data["source"] is not None and data["source"] not in sources:
         raise ValueError(f"data.source must be one of {', '.join(sources)}, got {data['source']!r}")
     if data["dataset_name"] is not None and data["train_data_dir"] is not None:

@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 logger = get_logger(__name__)
 
 
-def layout(num_processes: int, per_device: int, train_cfg: dict, num_images: int) -> dict:
+def layout(num_processes: int, per_device: int, train_cfg: dict, num_images: int | None) -> dict:
     """How the global batch is split, recorded in ``training_state.json`` (checked by :func:`check_resume`)."""
     accum = train_cfg["gradient_accumulation_steps"]
     return {
@@ -103,7 +103,7 @@ def load_checkpoint(accelerator, resume_dir: str, state, ema, current: dict, dro
             current["global_batch_size"],
         )
         micro = current["global_batch_size"] // current["gradient_accumulation_steps"]
-        if not current["drop_last"] and current["num_train_images"] % micro and (old == 1) != (new == 1):
+        if not current["drop_last"] and (current["num_train_images"] or 0) % micro and (old == 1) != (new == 1):
             logger.warning(
                 "drop_last is off and each epoch of %d images ends with %d left over: one process trains on them "
                 "alone, several complete the global micro-batch with the epoch's first images, so after this resume "

@@ -52,6 +52,7 @@ from .rewind import open_run, plan_rewind
 from .schedule import schedule_in_images, step_learning_rate
 from .setup import batch_sizes, check_latents, flat_config, load_sampling_vae, make_accelerator
 from .state import NonFiniteLossError, TrainingResult, TrainingState
+from .streaming import open_training_stream, refuse_stream_checkpoint
 from .trackers import log_sample_grid
 
 logger = get_logger(__name__)
@@ -170,7 +171,7 @@ def _train(cfg: dict, dataset, hub_token: str | None, run_lock: RunLock) -> Trai
             logger.info("nothing to do: the run is at step %d of %d", run.state.step, run.max_steps)
         return _finish(run, hub_token)
     _log_start(run)
-    stream = _batch_stream(run)
+    stream = iter(run.dataloader) if run.cfg["data"].get("streaming") else _batch_stream(run)  # .streaming
     progress = _progress(run.main, run.state.step, run.max_steps)
     speed = _Speed()
     while run.state.step < run.max_steps:
@@ -205,16 +206,21 @@ def _prepare(cfg: dict, dataset, run_lock: RunLock, hub_token: str | None = None
     ema = build_ema(unet, cfg["ema"]) if cfg.get("ema") is not None else None  # validates on every process
 
     source = resolve_source(data_cfg, dataset)
-    hf_dataset = load_train_dataset(data_cfg, dataset)
-    resolution = check_dataset(hf_dataset, data_cfg, cfg["model"], source)
-    train_set = build_image_dataset(hf_dataset, data_cfg, cfg["model"], source, resolution, seed=train_cfg["seed"])
+    streaming = data_cfg.get("streaming")
+    if streaming:  # an IterableDataset, a shard per process, no DataLoader (.streaming)
+        hf_dataset, train_set = open_training_stream(cfg, dataset, source, accelerator, per_device, global_batch)
+    else:
+        refuse_stream_checkpoint(resume_dir)
+        hf_dataset = load_train_dataset(data_cfg, dataset)
+        resolution = check_dataset(hf_dataset, data_cfg, cfg["model"], source)
+        train_set = build_image_dataset(hf_dataset, data_cfg, cfg["model"], source, resolution, seed=train_cfg["seed"])
     latent_info = check_latents(source, hf_dataset, output_dir, resume_dir)
     vae = load_sampling_vae(cfg["sampling"], latent_info, accelerator.device, load=accelerator.is_main_process)
     check_export_target(cfg, warn=accelerator.is_main_process)
     check_push_target(cfg, accelerator, hub_token)
-    if len(train_set) < global_batch:
+    if not streaming and len(train_set) < global_batch:
         raise ValueError(f"the dataset has {len(train_set)} images, fewer than one global batch of {global_batch}")
-    dataloader = train_dataloader(train_set, per_device, train_cfg)
+    dataloader = train_set if streaming else train_dataloader(train_set, per_device, train_cfg)
     warmup_images, decay_ref_images = schedule_in_images(train_cfg, global_batch)
     return _Run(
         cfg=cfg,
@@ -289,7 +295,9 @@ def _start(run: _Run) -> None:
 
 
 def _layout(run: _Run) -> dict:
-    return elastic.layout(run.accelerator.num_processes, run.per_device, run.cfg["training"], len(run.train_set))
+    streaming = run.cfg["data"].get("streaming")  # a stream's images, when known (its len() counts batches)
+    images = run.train_set.length if streaming else len(run.train_set)
+    return elastic.layout(run.accelerator.num_processes, run.per_device, run.cfg["training"], images)
 
 
 def _log_start(run: _Run) -> None:
@@ -298,11 +306,11 @@ def _log_start(run: _Run) -> None:
         accelerator.init_trackers("edm2", config=flat_config({k: v for k, v in cfg.items() if k != "model"}))
     if run.main:
         logger.info(
-            "training %s (%s parameters) on %d images: %d processes x %d per device x %d accumulation = global batch "
+            "training %s (%s parameters) on %s images: %d processes x %d per device x %d accumulation = global batch "
             "%d, steps %d -> %d",
             run.unet.config.architecture,
             f"{run.unet.num_parameters_without_logvar():,}",
-            len(run.train_set),
+            run.train_set.describe() if cfg["data"].get("streaming") else len(run.train_set),
             accelerator.num_processes,
             run.per_device,
             cfg["training"]["gradient_accumulation_steps"],
