@@ -155,7 +155,10 @@ def test_resuming_a_stream_refuses_changed_data_and_settings(tmp_path):
     train(config(out, data, max_train_steps=3))
     for change, message in (
         ({"data.shuffle_buffer_size": 8}, "shuffle_buffer_size 16, this run has 8"),
-        ({"training.train_batch_size": 4, "training.max_train_steps": 6}, "batch_size 8, this run has 4"),
+        (
+            {"training.train_batch_size": 4, "training.max_train_steps": 6},
+            "global batch of 8 images .* this run.s is 4",
+        ),  # training.elastic
     ):
         cfg = config(out, data, max_train_steps=5, resume_from_checkpoint="latest")
         for dotted, value in change.items():
@@ -308,6 +311,9 @@ def test_two_processes_read_disjoint_shards_that_cover_the_stream(tmp_path):
         state = json.loads((out / "checkpoint-3" / f"stream_state_{rank}.json").read_text())
         assert (state["rank"], state["num_processes"], state["examples_in_epoch"]) == (rank, 2, 12)
 
-    one = config(out, data, max_train_steps=5, train_batch_size=4, resume_from_checkpoint="latest")
+    # the same global batch of 8 on one process (training.elastic allows that); the stream refuses it
+    one = config(
+        out, data, max_train_steps=5, train_batch_size=None, total_batch_size=8, resume_from_checkpoint="latest"
+    )
     with pytest.raises(ValueError, match="written with num_processes 2, this run has 1"):
         train(one)
