@@ -181,6 +181,8 @@ def test_card_names_the_sampler_the_margin_and_the_way_back_to_heun(swept, cheap
     ) in text
     assert f"margin of 1000% of the best (at most {best['cheapest']['threshold']:.4g}" in text
     assert "steps of `EDMDPMSolverMultistepScheduler`" in text  # the sample grid's caption
+    assert "The pipeline holds `pipeline_edm2.py` and `unet/unet_edm2.py`:" in text  # no Heun code bundled
+    assert "(pipeline and U-Net; the scheduler is diffusers' own)" in text
     # The way back to Heun: a snippet that runs as written and samples with 2N - 1 evaluations.
     snippet = card_snippets(card.text)["heun"]
     assert f"num_inference_steps={STEPS}" in snippet
