@@ -22,7 +22,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, EDMDPMSolverMultistepScheduler
 from huggingface_hub import ModelCard
-from test_export import STEPS, ToyFeatures, card_snippets, train_run
+from test_export import STEPS, ToyFeatures, card_snippets, run_loader, train_run
 
 import edm2_diffusers
 from edm2_diffusers import EDM2Pipeline, EDMHeunScheduler
@@ -161,6 +161,20 @@ def test_diffusers_alone_loads_and_samples_with_the_stored_sampler(cheap_export,
     assert (sched_name, calls) == (DPM, 10)
     reference, _ = count_unet_calls(EDM2Pipeline.from_pretrained(cheap_export))
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), reference, rtol=0, atol=1e-6)
+
+
+def test_card_snippet_loads_from_the_hub_without_the_package(cheap_export, tmp_path):
+    """The card's snippet against the (faked) Hub repository: diffusers builds its own scheduler by class name from
+    the scheduler config; the code fetched is the pipeline's and the U-Net's only."""
+    snippets = card_snippets((cheap_export / "README.md").read_text())
+    report, arrays = run_loader(cheap_export, tmp_path / "blocked", block=True, snippets={"root": snippets["root"]})
+    assert report["snippets"]["root"] == ["EDM2Pipeline", 4, "Image"]
+    assert report["snippets"]["root:downloaded"] == sorted(
+        {"model_index.json", "pipeline_edm2.py", "scheduler/scheduler_config.json", "unet/config.json"}
+        | {"unet/diffusion_pytorch_model.safetensors", "unet/unet_edm2.py"}
+    )
+    reference, _ = count_unet_calls(EDM2Pipeline.from_pretrained(cheap_export), num_inference_steps=STEPS)
+    np.testing.assert_allclose(arrays["hub:default"][:1], reference, rtol=0, atol=1e-6)
 
 
 def test_card_names_the_sampler_the_margin_and_the_way_back_to_heun(swept, cheap_export):
