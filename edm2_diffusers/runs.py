@@ -284,9 +284,10 @@ def read_sweep(run_dir: str | os.PathLike, sweep_dir: str | os.PathLike | None =
 
     Returns:
         `dict`: ``{"std": float, "metric": str | None, "step": int | None, "metrics": {std: {name: value}},
-        "sampler": dict | None, "cheapest": dict | None, "settings": dict, "path": str}``; ``sampler`` and
-        ``cheapest`` (scheduler class name, ``num_inference_steps``, ``nfe``; ``cheapest`` also ``std``, ``value``,
-        ``margin``) are ``None`` for sweeps that did not record them.
+        "sampler": dict | None, "cheapest": dict | None, "samplers": list, "settings": dict, "path": str}``;
+        ``sampler`` and ``cheapest`` (scheduler class name, ``num_inference_steps``, ``nfe``; ``cheapest`` also
+        ``std``, ``value``, ``margin``) are ``None`` for sweeps that did not record them; ``samplers`` lists every
+        evaluated std and sampler (empty for those sweeps).
     """
     path = sweep_best_path(run_dir, sweep_dir)
     if not path.is_file():
@@ -321,6 +322,7 @@ def read_sweep(run_dir: str | os.PathLike, sweep_dir: str | os.PathLike | None =
         "metrics": metrics,
         "sampler": _sweep_sampler(best.get("sampler"), path),
         "cheapest": _sweep_sampler(best.get("cheapest"), path),
+        "samplers": [r for r in best.get("samplers") or [] if isinstance(r, dict)],  # each std and sampler's row
         "settings": best.get("settings") if isinstance(best.get("settings"), dict) else {},
         "path": str(path),
     }

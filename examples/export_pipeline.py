@@ -8,6 +8,11 @@
 Each std's U-Net is a diffusers weight variant (``ema0050`` for 0.050), the first std also the default weights; a
 variant loads with ``DiffusionPipeline.from_pretrained(folder, variant="ema0100", trust_remote_code=True)``, also where
 edm2-diffusers is not installed, or ``EDM2Pipeline.from_pretrained(folder, variant="ema0100")`` with it.
+
+The pipeline's default sampler (``--sampler``, default ``cheapest``) is the EMA sweep's cheapest setting within its
+``--margin`` of the best (e.g. DPM-Solver at 10 steps, 10 network evaluations, instead of Heun at 18, 35), when the
+sweep ran at the exported step with samplers and its best std is exported; otherwise, or with ``--sampler heun``, the
+run's Heun sampler. The model card says which and why; ``export_info.json`` records the reason when Heun is kept.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 
 from edm2_diffusers.files import DiskFullError
 from edm2_diffusers.hub import export_run
+from edm2_diffusers.hub.sampler_choice import DEFAULT_SAMPLER, SAMPLER_CHOICES
 from edm2_diffusers.run_lock import FolderLockedError
 
 
@@ -37,6 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", default=None, help="Hub dataset id for the card (default: from the run config)")
     parser.add_argument("--model_name", default=None, help="title of the model card")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="sampler steps (default: run config)")
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLER_CHOICES,
+        default=DEFAULT_SAMPLER,
+        help="the pipeline's default sampler: the EMA sweep's cheapest setting within its margin of the best, its "
+        "best setting, or the run's Heun sampler (the sweep's only where it ran at this step on an exported std)",
+    )
     parser.add_argument("--no_sample_grid", action="store_true", help="skip rendering the sample grid")
     parser.add_argument("--push_to_hub", action="store_true", help="upload the export to the Hugging Face Hub")
     parser.add_argument("--hub_model_id", default=None, help="repository to push to, USER/NAME")
@@ -66,11 +79,15 @@ def main(argv=None):
         license=args.license,
         sample_grid=not args.no_sample_grid,
         num_inference_steps=args.num_inference_steps,
+        sampler=args.sampler,
         model_name=args.model_name,
         dataset=args.dataset,
     )
     for std, variant in result.variants:
         print(f"EMA std {std:.3f}: variant {variant}")
+    sampling, choice = result.info["sampling"], result.info["sampler_choice"]
+    why = f"the EMA sweep's {choice['sampler']} setting" if choice["sampler"] != "heun" else choice["reason"]
+    print(f"default sampler: {sampling['scheduler']}, {sampling['num_inference_steps']} steps ({why})")
     if result.commit is not None:
         print(f"pushed to {getattr(result.commit, 'commit_url', args.hub_model_id)}")
     return result

@@ -36,8 +36,8 @@ from edm2_diffusers.evaluation.evaluate import (
     fill_dataset_args,
     reference_from_args,
 )
-from edm2_diffusers.evaluation.samplers import parse_samplers
 from edm2_diffusers.evaluation.sweep import DEFAULT_MARGIN, parse_margin, sweep_ema
+from edm2_diffusers.schedulers.samplers import parse_samplers
 
 
 def parse_args(argv=None) -> argparse.Namespace:

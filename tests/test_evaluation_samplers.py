@@ -8,8 +8,8 @@ from conftest import tiny_unet_config
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
 from edm2_diffusers import EDM2Pipeline, EDM2UNet2DModel, EDMHeunScheduler
-from edm2_diffusers.evaluation.samplers import SamplerSetting, parse_samplers
 from edm2_diffusers.evaluation.sweep import _result, margin_threshold, parse_margin
+from edm2_diffusers.schedulers.samplers import SamplerSetting, parse_samplers
 
 
 @pytest.mark.parametrize("name", ["heun", "dpmsolver", "euler"])

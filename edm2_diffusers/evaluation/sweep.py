@@ -3,7 +3,7 @@
 This is the experiment of the EDM2 paper's Figure 5: the quality metric as a function of the relative standard
 deviation σ_rel of a power-function EMA, all profiles reconstructed after training from the same snapshots (Section
 3.1). Every profile is sampled from the same seeds, so the curve compares EMA lengths, not noise draws. The sweep can
-also vary the sampler (scheduler and step count, :mod:`.samplers`), which puts the metric against the number of
+also vary the sampler (scheduler and step count, ``schedulers.samplers``), which puts the metric against the number of
 network evaluations (NFE): the cheapest setting whose metric lies within a margin of the best is recorded, so that an
 export can sample with it by default. Weights live in memory only; the sweep writes ``sweep.csv`` (one row per std
 and sampler), ``sweep.png`` (metric against std, best marked), ``sweep_nfe.png`` (metric against NFE at the best std,
@@ -38,10 +38,10 @@ from ..ema import parse_stds, reconstruct
 from ..files import write_json_atomic, write_text_atomic
 from ..pipelines import EDM2Pipeline
 from ..runs import SWEEP_BEST_NAME, run_scheduler
+from ..schedulers.samplers import SamplerSetting, parse_samplers
 from .evaluate import evaluate_pipeline
 from .extractors import extractor_name, get_feature_extractor
 from .plots import plot_nfe, plot_sweep
-from .samplers import SamplerSetting, parse_samplers
 
 logger = logging.getLogger(__name__)
 

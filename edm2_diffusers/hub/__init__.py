@@ -2,10 +2,10 @@
 model cards, push them to the Hub, load them with the package's classes.
 
 Modules by job: ``layout`` (the export's files and variant names), ``run_info`` (what an export reads from a run),
-``writing`` (writing an export), ``export`` (the public export functions and the export-then-push helper),
-``converted`` (NVIDIA's pickles through the same exporter), ``checks`` (what an export may hold), ``model_card``,
-``remote_code`` (the bundled custom code), ``push``, ``loading`` and ``pipeline_io`` (``EDM2Pipeline.from_pretrained``
-/ ``save_pretrained`` / ``push_to_hub``).
+``writing`` (writing an export), ``sampler_choice`` (the default sampler: Heun or the EMA sweep's choice),
+``export`` (the public export functions and the export-then-push helper), ``converted`` (NVIDIA's pickles through
+the same exporter), ``checks`` (what an export may hold), ``model_card``, ``remote_code`` (the bundled custom code),
+``push``, ``loading`` and ``pipeline_io`` (``EDM2Pipeline.from_pretrained`` / ``save_pretrained`` / ``push_to_hub``).
 """
 
 from .checks import check_export

@@ -20,7 +20,8 @@ from .checks import check_output_dir
 from .push import push_to_hub as push
 from .push import resolve_repo_id
 from .run_info import default_stds, metrics_for, resolve_stds, run_source, sweep_metrics
-from .writing import ExportOptions, ExportResult, Variant, write_export
+from .sampler_choice import choose_sampler
+from .writing import ExportOptions, ExportResult, ExportSource, Variant, write_export
 
 
 def _check_dirs(run_dir, output_dir, overwrite: bool) -> tuple[Path, Path]:
@@ -29,6 +30,14 @@ def _check_dirs(run_dir, output_dir, overwrite: bool) -> tuple[Path, Path]:
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     check_output_dir(output_dir, run_dir, overwrite)
     return run_dir, output_dir
+
+
+def _with_sampler(source: ExportSource, options: ExportOptions, sweep: dict, step: int, stds: list) -> ExportSource:
+    """The export's default sampler: the run's Heun sampler or the EMA sweep's choice (``options.sampler``)."""
+    source.sampling, source.info["sampler_choice"] = choose_sampler(
+        options.sampler, sweep, step, stds, source.sampling, options.num_inference_steps
+    )
+    return source
 
 
 @writes_into("output_dir", "run_dir")
@@ -46,9 +55,10 @@ def export_pipelines(
 
     For each std the U-Net is reconstructed from the run's EMA snapshots (:func:`edm2_diffusers.ema.reconstruct`)
     and saved as ``unet/diffusion_pytorch_model.<variant>.safetensors`` (``ema0050`` for 0.050); the first std is
-    also the default weights. The pipeline carries an ``EDMHeunScheduler`` with the run's sampling settings and
-    standalone custom code, so it also loads without this package. A latent run (one that recorded
-    ``latent_info.json``) exports its latent standardization and, when a VAE is known, the VAE.
+    also the default weights. The pipeline carries the run's ``EDMHeunScheduler`` or, when the EMA sweep ran at this
+    step and measured one of the exported stds, the sampler it chose (``sampler``, :mod:`.sampler_choice`) with its
+    step count as the pipeline's default, and standalone custom code, so it also loads without this package. A latent
+    run (one that recorded ``latent_info.json``) exports its latent standardization and, when a VAE is known, the VAE.
 
     Args:
         run_dir (`str` or `os.PathLike`): the training run's output folder (with ``phema/`` snapshots).
@@ -81,7 +91,7 @@ def export_pipelines(
     model = {"class": rec.model_class, "config": dict(rec.model_config)}
     run = {"step": rec.step, "nimg": rec.nimg}
     source = run_source(run_dir, output_dir, variants, model, run, options, metrics_note=note)
-    return write_export(source, output_dir, options)
+    return write_export(_with_sampler(source, options, sweep, rec.step, list(rec.stds)), output_dir, options)
 
 
 @writes_into("output_dir", "run_dir")
@@ -98,7 +108,8 @@ def export_model(
 ) -> ExportResult:
     """Export one given U-Net of a run (e.g. a traditional EMA, which has no snapshots) as an ``EDM2Pipeline``.
 
-    The same export as :func:`export_pipelines` with a single set of weights (no variants).
+    The same export as :func:`export_pipelines` with a single set of weights (no variants) and the run's Heun sampler
+    (the EMA sweep measured post-hoc reconstructions, not this model).
 
     Args:
         run_dir (`str` or `os.PathLike`): the training run's output folder (its ``config.yaml`` gives the sampling
@@ -120,7 +131,7 @@ def export_model(
     model = {"class": model_class_path(unet), "config": model_config_of(unet)}
     ema = dict(ema) if ema is not None else {"type": "none"}
     source = run_source(run_dir, output_dir, variants, model, {"step": step, "nimg": nimg}, options, ema=ema)
-    return write_export(source, output_dir, options)
+    return write_export(_with_sampler(source, options, {}, step, [None]), output_dir, options)
 
 
 def export_run(

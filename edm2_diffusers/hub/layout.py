@@ -9,7 +9,8 @@
              diffusion_pytorch_model.safetensors           the default std (the first given, or the sweep's best)
              diffusion_pytorch_model.ema0050.safetensors   every exported std as a diffusers weight variant
              diffusion_pytorch_model.ema0100.safetensors
-      scheduler/  scheduler_config.json  scheduling_edm_heun.py
+      scheduler/  scheduler_config.json  scheduling_edm_heun.py   (config only for a diffusers scheduler the EMA
+                                                                sweep chose, e.g. EDMDPMSolverMultistepScheduler)
       vae/ ...              latent runs only; stored once, like the code and the scheduler
       README.md  samples.png  export_info.json
 

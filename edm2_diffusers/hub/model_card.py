@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..files import write_json_atomic, write_text_atomic
 from .layout import EXPORT_INFO_NAME
+from .sampler_choice import HEUN, heun_arguments, sampler_nfe
 
 TEMPLATE_NAME = "edm2_pipeline.md"
 
@@ -112,6 +113,27 @@ def _variant_rows(info: dict) -> tuple[list[dict], list[str]]:
     return rows, metric_names
 
 
+def sampler_context(info: dict) -> dict:
+    """The card's default sampler: scheduler class, steps, NFE, the Heun arguments, and the EMA sweep's choice
+    (``info["sampler_choice"]``) when the sampler came from it."""
+    sampling = info["sampling"]
+    name, steps = sampling.get("scheduler") or HEUN, int(sampling["num_inference_steps"])
+    try:
+        nfe = sampling.get("nfe") or sampler_nfe(name, steps)
+    except ValueError:  # a scheduler the sweep does not know: its cost is not stated
+        nfe = None
+    choice = info.get("sampler_choice") or {}
+    chosen = dict(choice) if choice.get("sampler") in ("cheapest", "best") else None
+    if chosen is not None:
+        for key in ("value", "threshold"):
+            chosen[key + "_text"] = _fmt(chosen.get(key))
+        chosen["best_value_text"] = _fmt(chosen["best"].get("value"))
+        chosen["metric_text"] = metric_label(chosen.get("metric") or "metric")
+    return dict(
+        scheduler=name, is_heun=name == HEUN, steps=steps, nfe=nfe, choice=chosen, heun=heun_arguments(sampling)
+    )
+
+
 def card_context(info: dict, repo_id: str) -> dict:
     """The template variables of a card, from an export's ``export_info.json`` content.
 
@@ -164,6 +186,7 @@ def card_context(info: dict, repo_id: str) -> dict:
         metric_separator="---|" * len(metric_names),
         metrics_note=info.get("metrics_note"),
         sampling=info["sampling"],
+        sampler=sampler_context(info),
         sample_grid=info.get("sample_grid"),
         sample_seed=info.get("sample_seed"),
         training_rows=training_rows,

@@ -61,6 +61,7 @@ def pipeline_info(pipe, repo_id: str | None = None) -> dict:
     stored = pipe.config.get("default_num_inference_steps")
     sampling["num_inference_steps"] = stored or (earlier.get("sampling") or {}).get("num_inference_steps")
     sampling["num_inference_steps"] = sampling["num_inference_steps"] or type(pipe).DEFAULT_NUM_INFERENCE_STEPS
+    sampling["scheduler"] = type(pipe.scheduler).__name__
     origin = getattr(pipe.config, "_name_or_path", None)
     origin = os.fspath(origin) if origin else None
     name = repo_id.split("/")[-1] if repo_id else (Path(origin).name if origin else "edm2-pipeline")
@@ -86,6 +87,11 @@ def pipeline_info(pipe, repo_id: str | None = None) -> dict:
         "sample_grid": None,
         "sample_seed": None,
     }
+    # The EMA sweep's choice of the default sampler still holds while the pipeline samples as it was exported.
+    earlier_sampling = earlier.get("sampling") or {}
+    exported = [earlier_sampling.get("scheduler"), earlier_sampling.get("num_inference_steps")]
+    if earlier.get("sampler_choice") and exported == [sampling["scheduler"], sampling["num_inference_steps"]]:
+        info["sampler_choice"] = earlier["sampler_choice"]
     if pipe.vae is not None and "latent" in info:
         info["latent"] = {**info["latent"], "vae_included": True}
     return info

@@ -94,7 +94,9 @@ def sweep_metrics(sweep: dict, step: int, metrics: dict | None = None) -> tuple[
     if settings.get("num_images"):
         parts.append(f"{int(settings['num_images']):,} generated images")
     if settings.get("num_inference_steps"):
-        parts.append(f"{int(settings['num_inference_steps'])} sampler steps")
+        scheduler = (sweep.get("sampler") or {}).get("scheduler")  # the best's sampler, of the metrics shown
+        steps = int(settings["num_inference_steps"])
+        parts.append(f"{steps} steps of {scheduler}" if scheduler else f"{steps} sampler steps")
     if settings.get("feature_extractor"):
         parts.append(f"{settings['feature_extractor']} features")
     how = f" ({', '.join(parts)})" if parts else ""

@@ -23,11 +23,11 @@ from .. import __version__
 from ..files import staged_folder
 from ..grids import render_sample_grid
 from ..pipelines import EDM2Pipeline
-from ..schedulers import EDMHeunScheduler
 from .checks import check_export
 from .layout import EXPORT_FORMAT, FORMAT_VERSION, SAMPLE_GRID_NAME, variant_names
 from .model_card import write_model_card
 from .remote_code import write_custom_code
+from .sampler_choice import DEFAULT_SAMPLER, build_scheduler, check_sampler_choice
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,11 @@ class ExportOptions:
         sample_grid (`bool`): render a sample grid of the default variant into the export and the card.
         grid_size (`tuple[int, int]`, *optional*): grid rows and columns (default: the run's ``sampling`` config,
             else 8×8).
-        num_inference_steps (`int`, *optional*): sampler steps for the grid and the card (default: the run's config).
+        num_inference_steps (`int`, *optional*): sampler steps for the grid and the card (default: the run's config,
+            or the EMA sweep's chosen setting); given, the run's Heun sampler is kept.
+        sampler (`str`): the pipeline's default sampler: ``"cheapest"`` (the EMA sweep's cheapest setting within its
+            margin of the best), ``"best"`` (the sweep's best setting) or ``"heun"`` (the run's Heun sampler); the
+            sweep's setting only where it applies (:mod:`edm2_diffusers.hub.sampler_choice`), else Heun.
         seed (`int`, *optional*): seed of the grid (default: the run's ``sampling.seed``, else 0).
         repo_id (`str`, *optional*): the Hub repository the card's usage snippets name (set again on push).
         model_name (`str`, *optional*): title of the card (default: the repository or folder name).
@@ -60,6 +64,7 @@ class ExportOptions:
     sample_grid: bool = True
     grid_size: tuple[int, int] | None = None
     num_inference_steps: int | None = None
+    sampler: str = DEFAULT_SAMPLER
     seed: int | None = None
     repo_id: str | None = None
     model_name: str | None = None
@@ -75,7 +80,9 @@ class ExportOptions:
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise TypeError(f"unknown export option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return dataclasses.replace(options or cls(), **kwargs)
+        options = dataclasses.replace(options or cls(), **kwargs)
+        check_sampler_choice(options.sampler)
+        return options
 
 
 @dataclass
@@ -101,7 +108,9 @@ class ExportSource:
 
     Args:
         variants (`list[Variant]`): the U-Nets; the first is the default (un-suffixed) weights.
-        sampling (`dict`): ``num_inference_steps`` and the ``EDMHeunScheduler`` settings.
+        sampling (`dict`): ``num_inference_steps``, the run's ``EDMHeunScheduler`` settings and, optionally, the
+            class name ``scheduler`` that samples (default Heun; built by :func:`.sampler_choice.build_scheduler`)
+            and its ``nfe``.
         pipeline_kwargs (`dict`): other ``EDM2Pipeline`` arguments (``vae``, ``guidance_unet``, latent statistics).
         info (`dict`): the card's sections of ``export_info.json`` (``run`` or ``conversion``, ``model``,
             ``dataset``, ``training``, ``latent``, ``base_model`` ...).
@@ -191,7 +200,7 @@ def write_export(source: ExportSource, output_dir: str | os.PathLike, options: E
         logger.info("latent model without a VAE: the export has no sample grid")
         sample_grid = False
     with staged_folder(output_dir) as staging:
-        scheduler = EDMHeunScheduler(**{k: v for k, v in sampling.items() if k != "num_inference_steps"})
+        scheduler = build_scheduler(sampling)
         kwargs = {"default_num_inference_steps": sampling["num_inference_steps"], **source.pipeline_kwargs}
         pipe = EDM2Pipeline(unet=source.variants[0].build(), scheduler=scheduler, **kwargs)
         # diffusers' own save (EDM2Pipeline.save_pretrained would add a card of its own), then the code and variants.

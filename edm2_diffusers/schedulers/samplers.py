@@ -1,4 +1,8 @@
-"""Sampler settings an evaluation can sweep: a scheduler and a step count, and what they cost in network evaluations.
+"""Sampler settings: a scheduler and a step count, and what they cost in network evaluations.
+
+The EMA sweep (``edm2_diffusers.evaluation.sweep``) evaluates these settings and an export
+(``edm2_diffusers.hub.sampler_choice``) stores the one the sweep chose as its pipeline's scheduler; both build the
+scheduler with :meth:`SamplerSetting.make_scheduler`, so an export samples exactly as the sweep measured.
 
 Three EDM schedulers drive an :class:`~edm2_diffusers.EDM2Pipeline` on the same σ schedule (Karras et al. 2022, Eq. 5):
 
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
-from ..schedulers import EDMHeunScheduler
+from .scheduling_edm_heun import EDMHeunScheduler
 
 SCHEDULERS = {
     "heun": EDMHeunScheduler,
