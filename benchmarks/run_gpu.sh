@@ -12,3 +12,15 @@ python3 benchmarks/benchmark_edm2.py --config configs/cifar10/E.yaml "${common[@
   --compare_multigpu "$multigpu" --json "$out/cifar10_E_bf16_eager.json"
 python3 benchmarks/benchmark_edm2.py --config configs/cifar10/G.yaml "${common[@]}" --compile \
   --compare_official "$official" --json "$out/cifar10_G_bf16_compile.json"
+# Eager training against NVIDIA's G (issue 14), the trainer end to end against its bare step, sampling throughput.
+python3 benchmarks/benchmark_edm2.py --config configs/cifar10/G.yaml "${common[@]}" \
+  --compare_official "$official" --json "$out/cifar10_G_bf16_eager.json"
+python3 benchmarks/benchmark_trainer.py --config configs/cifar10/E.yaml --batch_size "$batch" --steps 30 \
+  --generated $((batch * 8)) --json "$out/trainer_cifar10_E.json"
+python3 benchmarks/benchmark_trainer.py --config configs/cifar10/E.yaml --batch_size "$batch" --steps 30 \
+  --generated $((batch * 8)) --set training.torch_compile=true --warmup 5 --json "$out/trainer_cifar10_E_compile.json"
+python3 benchmarks/benchmark_trainer.py --config configs/digits/G.yaml --steps 100 --json "$out/trainer_digits_G.json"
+for mode in "" --compile; do
+  python3 benchmarks/benchmark_sampling.py --config configs/cifar10/E.yaml --compare_multigpu "$multigpu" \
+    --batch_size "$batch" --precision bf16 $mode --json "$out/sampling_cifar10_E_bf16${mode/--/_}.json"
+done
