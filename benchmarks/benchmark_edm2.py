@@ -344,8 +344,12 @@ def main(argv=None):
     parser.add_argument("--posthoc_ema", action="store_true", help="time post-hoc EMA reconstruction instead")
     parser.add_argument("--snapshots", default="4,8,16")
     parser.add_argument("--ema_stds", type=lambda s: [float(v) for v in s.split(",")], default=[0.05, 0.1, 0.15])
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--note", help="a remark stored with the results (e.g. the machine's load)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model_cfg = yaml.safe_load(Path(args.config).read_text())["model"]
     model_cfg["dropout"] = 0.0  # dropout changes nothing in cost but makes runs differ
@@ -369,6 +373,7 @@ def main(argv=None):
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         threads=torch.get_num_threads(),
         matmul_peak_gflop_s=peak / 1e9,
+        note=args.note,
     )
     print(json.dumps(info))
     impls = []

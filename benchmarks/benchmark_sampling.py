@@ -69,8 +69,12 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--note", help="a remark stored with the results (e.g. the machine's load)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     cfg = load_config(args.config)
@@ -125,12 +129,14 @@ def main(argv=None):
             fn()
             first[name] = time.perf_counter() - start
         mem[name] = m["peak"] / 2**20
+        print(f"{name}: first call {first[name]:.1f} s", file=sys.stderr)
         best[name] = math.inf
     for _ in range(args.rounds):
         for name, fn in samplers.items():
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
+            print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
     info = dict(
         config=args.config,
         batch_size=args.batch_size,
@@ -141,6 +147,7 @@ def main(argv=None):
         rounds=args.rounds,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         threads=torch.get_num_threads(),
+        note=args.note,
     )
     results = [
         dict(

@@ -268,6 +268,7 @@ def main(argv=None):
         metavar="KEY=VALUE",
         help="a config override, e.g. training.report_to=none or training.dataloader_num_workers=1 (repeatable)",
     )
+    parser.add_argument("--note", help="a remark stored with the results (e.g. the machine's load)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
@@ -319,6 +320,7 @@ def main(argv=None):
         threads=cfg["training"]["cpu_threads"] or threads,
         device=f"cpu ({os.cpu_count()} cores)",
         setup_and_finish_seconds=wall - loop_seconds,
+        note=args.note,
     )
     result = summarize(clock, cfg, batch, args.warmup, grid_scale)
     print(json.dumps(info))
