@@ -353,6 +353,8 @@ def main(argv=None):
 
     model_cfg = yaml.safe_load(Path(args.config).read_text())["model"]
     model_cfg["dropout"] = 0.0  # dropout changes nothing in cost but makes runs differ
+    if args.compare_official:  # NVIDIA's G (a config may hold edm2-multi-gpu's variant, which has no official twin)
+        model_cfg.update(pixel_norm="edm2", mid_flavor="dec", emb_gain_init=0.0)  # the same cost
     device = torch.device(args.device)
     if args.freeze:
         import torch._inductor.config as inductor_config
@@ -373,6 +375,9 @@ def main(argv=None):
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         threads=torch.get_num_threads(),
         matmul_peak_gflop_s=peak / 1e9,
+        model_overrides={k: model_cfg[k] for k in ("pixel_norm", "mid_flavor", "emb_gain_init") if k in model_cfg}
+        if args.compare_official
+        else None,
         note=args.note,
     )
     print(json.dumps(info))
