@@ -146,7 +146,7 @@ def ours(model_cfg, device, dtype, compile_mode=None, channels_last=False):
 
 
 def multigpu_impl(checkout, model_cfg, device):
-    """edm2-multi-gpu's UNetC / UNetE (``src/edm2multigpu/model``) with the same sizes."""
+    """edm2-multi-gpu's UNetC / UNetE / UNetG (``src/edm2multigpu/model``) with the same sizes."""
     sys.path.insert(0, str(Path(checkout) / "src" / "edm2multigpu"))
     arch = model_cfg["architecture"]
     module = __import__(f"model.unet{arch}", fromlist=[f"UNet{arch}"])
@@ -159,6 +159,7 @@ def multigpu_impl(checkout, model_cfg, device):
         is_attn=[(model_cfg["sample_size"] >> i) in attn for i in range(levels)],
         dropout=model_cfg.get("dropout", 0.0),
         n_blocks=model_cfg["num_blocks"] + 1,
+        **({"attn_channels_per_head": model_cfg.get("channels_per_head")} if arch == "G" else {}),
     ).to(device)
     reweight = net.get_reweighting().to(device)
     wrapper = torch.nn.ModuleDict({"net": net, "reweight": reweight})
@@ -339,7 +340,7 @@ def main(argv=None):
         help="with --compile: inductor freezing for inference graphs (weights folded and prepacked as constants)",
     )
     parser.add_argument("--channels_last", action="store_true")
-    parser.add_argument("--compare_multigpu", help="checkout of edm2-multi-gpu (Config C/E)")
+    parser.add_argument("--compare_multigpu", help="checkout of edm2-multi-gpu (Config C/E, and its G variant)")
     parser.add_argument("--compare_official", help="checkout of NVIDIA's EDM2 (Config G)")
     parser.add_argument("--posthoc_ema", action="store_true", help="time post-hoc EMA reconstruction instead")
     parser.add_argument("--snapshots", default="4,8,16")
@@ -383,8 +384,8 @@ def main(argv=None):
     print(json.dumps(info))
     impls = []
     if args.compare_multigpu:
-        if model_cfg["architecture"] not in ("C", "E"):
-            parser.error("--compare_multigpu needs a Config C or E config")
+        if model_cfg["architecture"] == "G" and model_cfg.get("pixel_norm") != "rms":
+            parser.error("--compare_multigpu with Config G needs edm2-multi-gpu's variant (configs/cifar10/G.yaml)")
         impls.append(multigpu_impl(args.compare_multigpu, model_cfg, device))
     if args.compare_official:
         if model_cfg["architecture"] != "G":
