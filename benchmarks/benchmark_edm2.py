@@ -323,6 +323,17 @@ def bench_posthoc_ema(args, model_cfg):
     return rows
 
 
+def parse_common(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Add the options every benchmark script shares (threads, note, JSON output), parse, set the threads."""
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--note", help="a remark stored with the results (e.g. the machine's load)")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/cifar10/E.yaml")
@@ -345,12 +356,7 @@ def main(argv=None):
     parser.add_argument("--posthoc_ema", action="store_true", help="time post-hoc EMA reconstruction instead")
     parser.add_argument("--snapshots", default="4,8,16")
     parser.add_argument("--ema_stds", type=lambda s: [float(v) for v in s.split(",")], default=[0.05, 0.1, 0.15])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--note", help="a remark stored with the results (e.g. the machine's load)")
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_common(parser, argv)
 
     model_cfg = yaml.safe_load(Path(args.config).read_text())["model"]
     model_cfg["dropout"] = 0.0  # dropout changes nothing in cost but makes runs differ

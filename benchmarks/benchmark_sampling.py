@@ -31,7 +31,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark_edm2 import multigpu_impl, peak_memory, sync
+from benchmark_edm2 import multigpu_impl, parse_common, peak_memory, sync
 
 from edm2_diffusers import EDM2Pipeline
 from edm2_diffusers.convert import from_multigpu
@@ -69,12 +69,7 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--note", help="a remark stored with the results (e.g. the machine's load)")
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_common(parser, argv)
 
     device = torch.device(args.device)
     cfg = load_config(args.config)

@@ -14,18 +14,10 @@ from .latents import center_crop
 from .sources import dataset_columns
 
 
-def image_to_array(
-    image: Image.Image,
-    resolution: int | None,
-    channels: int,
-    rng: np.random.Generator | None = None,
-    crop: str | None = None,
-) -> np.ndarray:
-    """PIL image → float32 array (C, H, W) in [-1, 1]; resized (shorter side) and cropped to ``resolution``.
-
-    The 8-bit pixels of :func:`image_pixels` mapped to [-1, 1].
-    """
-    return _to_unit_range(image_pixels(image, resolution, channels, rng, crop))
+def image_to_array(image: Image.Image, *args, **kwargs) -> np.ndarray:
+    """PIL image → float32 array (C, H, W) in [-1, 1]: the 8-bit pixels of :func:`image_pixels` (same arguments:
+    ``resolution``, ``channels``, ``rng``, ``crop``), resized and cropped, mapped to [-1, 1]."""
+    return _to_unit_range(image_pixels(image, *args, **kwargs))
 
 
 def image_pixels(
