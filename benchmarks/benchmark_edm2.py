@@ -146,7 +146,7 @@ def ours(model_cfg, device, dtype, compile_mode=None, channels_last=False):
 
 
 def multigpu_impl(checkout, model_cfg, device):
-    """edm2-multi-gpu's UNetC / UNetE (``src/edm2multigpu/model``) with the same sizes."""
+    """edm2-multi-gpu's UNetC / UNetE / UNetG (``src/edm2multigpu/model``) with the same sizes."""
     sys.path.insert(0, str(Path(checkout) / "src" / "edm2multigpu"))
     arch = model_cfg["architecture"]
     module = __import__(f"model.unet{arch}", fromlist=[f"UNet{arch}"])
@@ -159,6 +159,7 @@ def multigpu_impl(checkout, model_cfg, device):
         is_attn=[(model_cfg["sample_size"] >> i) in attn for i in range(levels)],
         dropout=model_cfg.get("dropout", 0.0),
         n_blocks=model_cfg["num_blocks"] + 1,
+        **({"attn_channels_per_head": model_cfg.get("channels_per_head")} if arch == "G" else {}),
     ).to(device)
     reweight = net.get_reweighting().to(device)
     wrapper = torch.nn.ModuleDict({"net": net, "reweight": reweight})
@@ -322,6 +323,17 @@ def bench_posthoc_ema(args, model_cfg):
     return rows
 
 
+def parse_common(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Add the options every benchmark script shares (threads, note, JSON output), parse, set the threads."""
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--note", help="a remark stored with the results (e.g. the machine's load)")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/cifar10/E.yaml")
@@ -339,16 +351,17 @@ def main(argv=None):
         help="with --compile: inductor freezing for inference graphs (weights folded and prepacked as constants)",
     )
     parser.add_argument("--channels_last", action="store_true")
-    parser.add_argument("--compare_multigpu", help="checkout of edm2-multi-gpu (Config C/E)")
+    parser.add_argument("--compare_multigpu", help="checkout of edm2-multi-gpu (Config C/E, and its G variant)")
     parser.add_argument("--compare_official", help="checkout of NVIDIA's EDM2 (Config G)")
     parser.add_argument("--posthoc_ema", action="store_true", help="time post-hoc EMA reconstruction instead")
     parser.add_argument("--snapshots", default="4,8,16")
     parser.add_argument("--ema_stds", type=lambda s: [float(v) for v in s.split(",")], default=[0.05, 0.1, 0.15])
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
+    args = parse_common(parser, argv)
 
     model_cfg = yaml.safe_load(Path(args.config).read_text())["model"]
     model_cfg["dropout"] = 0.0  # dropout changes nothing in cost but makes runs differ
+    if args.compare_official:  # NVIDIA's G (a config may hold edm2-multi-gpu's variant, which has no official twin)
+        model_cfg.update(pixel_norm="edm2", mid_flavor="dec", emb_gain_init=0.0)  # the same cost
     device = torch.device(args.device)
     if args.freeze:
         import torch._inductor.config as inductor_config
@@ -369,12 +382,16 @@ def main(argv=None):
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         threads=torch.get_num_threads(),
         matmul_peak_gflop_s=peak / 1e9,
+        model_overrides={k: model_cfg[k] for k in ("pixel_norm", "mid_flavor", "emb_gain_init") if k in model_cfg}
+        if args.compare_official
+        else None,
+        note=args.note,
     )
     print(json.dumps(info))
     impls = []
     if args.compare_multigpu:
-        if model_cfg["architecture"] not in ("C", "E"):
-            parser.error("--compare_multigpu needs a Config C or E config")
+        if model_cfg["architecture"] == "G" and model_cfg.get("pixel_norm") != "rms":
+            parser.error("--compare_multigpu with Config G needs edm2-multi-gpu's variant (configs/cifar10/G.yaml)")
         impls.append(multigpu_impl(args.compare_multigpu, model_cfg, device))
     if args.compare_official:
         if model_cfg["architecture"] != "G":

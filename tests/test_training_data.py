@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from edm2_diffusers.data import (
+    EDM2ImageDataset,
     build_image_dataset,
     check_dataset,
     image_to_array,
@@ -251,3 +252,28 @@ def test_random_flip_is_seeded_and_flips_about_half():
     flipped = (a != images).any(dim=-1).flatten()
     assert 16 < int(flipped.sum()) < 48
     assert torch.equal(a[flipped], images[flipped].flip(-1))
+
+
+def test_training_images_are_decoded_once_and_read_back_identically():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, size=(5, 6, 10, 3), dtype=np.uint8)  # 6x10: resized and centre-cropped to 4
+    ds = datasets.Dataset.from_dict({"img": [Image.fromarray(p) for p in pixels], "y": [0, 1, 2, 0, 1]})
+    model = dict(MODEL, num_class_embeds=3)
+    cfg = data_cfg(image_column="img", label_column="y")
+    plain = EDM2ImageDataset(ds, "img", "y", 4, 3)  # no cache: every read decodes
+    cached = build_image_dataset(ds, cfg, model, "memory", 4)
+    first = cached.__getitems__([3, 1, 3, 0, 4, 2])
+    cached.dataset = cached.dataset.select([])  # any further decode would now fail: reads come from the cache
+    for batch in (first, cached.__getitems__([3, 1, 3, 0, 4, 2]), [cached[i] for i in (3, 1, 3, 0, 4, 2)]):
+        expected = plain.__getitems__([3, 1, 3, 0, 4, 2])
+        assert [b["index"] for b in batch] == [3, 1, 3, 0, 4, 2]
+        assert [b["class_labels"] for b in batch] == [b["class_labels"] for b in expected]
+        for got, want in zip(batch, expected):
+            assert torch.equal(got["pixel_values"], want["pixel_values"])  # bit for bit
+    # The cache stops at its size; random crops (new pixels every epoch) are never kept.
+    small = EDM2ImageDataset(ds, "img", "y", 4, 3, cache_bytes=2 * 4 * 4 * 3)
+    small.__getitems__([0, 1, 2, 3])
+    assert sorted(small._cache) == [0, 1]
+    random_crops = EDM2ImageDataset(ds, "img", "y", 4, 3, center_crop=False, cache_bytes=1 << 20)
+    random_crops.__getitems__([0, 1])
+    assert random_crops._cache == {}

@@ -346,14 +346,14 @@ def _optimizer_step(run: _Run, stream) -> float:
         loss_sum += loss.detach().float() / per_image  # logged per element, whatever the reduction
         num_images += images.shape[0]
     totals = accelerator.reduce(torch.stack([loss_sum / accum, num_images]), reduction="sum")
-    mean_loss = (totals[0] / accelerator.num_processes).item()
+    mean_loss, step_images = torch.stack([totals[0] / accelerator.num_processes, totals[1]]).tolist()  # one sync
     if not math.isfinite(mean_loss):
         accelerator.end_training()
         raise NonFiniteLossError(
             f"the loss is {mean_loss} at step {state.step + 1}; training stopped. The last good checkpoint is "
             f"{run.result.last_checkpoint or '(none yet)'} and nothing was written after it"
         )
-    run.step_images = round(totals[1].item())  # the real batch: a partial last batch has fewer images
+    run.step_images = round(step_images)  # the real batch: a partial last batch has fewer images
     images_after = state.images_seen + run.step_images
     lr = step_learning_rate(
         train_cfg, state.step, images_after, state.batches_per_epoch, run.warmup_images, run.decay_ref_images
