@@ -47,6 +47,10 @@ def layout(num_processes: int, per_device: int, train_cfg: dict, num_images: int
     }
 
 
+def _processes(n) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
+
+
 def check_resume(resume_dir: str | None, num_processes: int, per_device: int, train_cfg: dict) -> None:
     """Before anything is written: the run keeps the checkpoint's global batch and gradient accumulation.
 
@@ -62,8 +66,8 @@ def check_resume(resume_dir: str | None, num_processes: int, per_device: int, tr
     keep = f"--total_batch_size {old_total}" + (f" --gradient_accumulation_steps {old_accum}" if old_accum else "")
     if old_total is not None and old_total != total:
         raise ValueError(
-            f"{resume_dir} was trained with a global batch of {old_total} images ({old_processes} processes), this "
-            f"run's is {total} ({num_processes} processes x {per_device} per device x {accum} accumulation): a "
+            f"{resume_dir} was trained with a global batch of {old_total} images ({_processes(old_processes)}), this "
+            f"run's is {total} ({_processes(num_processes)} x {per_device} per device x {accum} accumulation): a "
             f"resume continues the same global batch; pass {keep} (leaving --train_batch_size unset)"
         )
     if old_accum is not None and old_accum != accum:
