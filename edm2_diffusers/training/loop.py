@@ -159,6 +159,10 @@ class _Run:
         return self.accelerator.is_main_process
 
     @property
+    def streaming(self) -> bool:
+        return bool(self.cfg["data"].get("streaming"))
+
+    @property
     def standardizer(self):
         return self.latent_info["standardizer"] if self.latent_info else None
 
@@ -171,7 +175,7 @@ def _train(cfg: dict, dataset, hub_token: str | None, run_lock: RunLock) -> Trai
             logger.info("nothing to do: the run is at step %d of %d", run.state.step, run.max_steps)
         return _finish(run, hub_token)
     _log_start(run)
-    stream = iter(run.dataloader) if run.cfg["data"].get("streaming") else _batch_stream(run)  # .streaming
+    stream = iter(run.dataloader) if run.streaming else _batch_stream(run)  # .streaming
     progress = _progress(run.main, run.state.step, run.max_steps)
     speed = _Speed()
     while run.state.step < run.max_steps:
@@ -295,8 +299,7 @@ def _start(run: _Run) -> None:
 
 
 def _layout(run: _Run) -> dict:
-    streaming = run.cfg["data"].get("streaming")  # a stream's images, when known (its len() counts batches)
-    images = run.train_set.length if streaming else len(run.train_set)
+    images = run.train_set.length if run.streaming else len(run.train_set)  # a stream's len() counts batches
     return elastic.layout(run.accelerator.num_processes, run.per_device, run.cfg["training"], images)
 
 
@@ -310,7 +313,7 @@ def _log_start(run: _Run) -> None:
             "%d, steps %d -> %d",
             run.unet.config.architecture,
             f"{run.unet.num_parameters_without_logvar():,}",
-            run.train_set.describe() if cfg["data"].get("streaming") else len(run.train_set),
+            run.train_set.describe() if run.streaming else len(run.train_set),
             accelerator.num_processes,
             run.per_device,
             cfg["training"]["gradient_accumulation_steps"],
