@@ -5,7 +5,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import cache_root, free_port
+from loopback import run_on_loopback
 from PIL import Image
 
 from edm2_diffusers import EDM2Pipeline, EDMHeunScheduler
@@ -283,7 +283,7 @@ def test_multiprocess_evaluation_equals_one_process(tiny_run, cache_dir, tmp_pat
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(free_port()), str(ROOT / "examples" / "evaluate.py"), *common, *two_args]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_on_loopback(cmd, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     multi = json.loads((two / "result.json").read_text())
     assert multi["num_images"] == 90 and multi["num_processes"] == 2
@@ -327,7 +327,7 @@ def test_seed_probe_on_two_processes(tiny_run, cache_dir):
         "--batch_size", "32", "--max_images", "96",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", EDM2_DIFFUSERS_CACHE=cache_dir)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    proc = run_on_loopback(cmd, env=env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     result = json.loads(line)

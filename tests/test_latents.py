@@ -4,7 +4,6 @@ constants, and a round trip through the same standardization the pipeline decode
 import hashlib
 import importlib.util
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from conftest import free_port, tiny_vae
 from diffusers.utils.torch_utils import randn_tensor
+from loopback import run_on_loopback
 from PIL import Image
 
 from edm2_diffusers import EDM2Pipeline, EDM2UNet2DModel, EDMHeunScheduler
@@ -280,9 +280,7 @@ def test_two_processes_encode_the_dataset_one_process_encodes(tmp_path):
               str(free_port()), str(ROOT / "examples" / "encode_latents.py")]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = tmp_path / "two" / "latents"
-    proc = subprocess.run(
-        [*launch, *args, "--output_dir", str(two)], env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = run_on_loopback([*launch, *args, "--output_dir", str(two)], env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "process 0 of 2 encodes 3 batches, from rows 0, 4, 8" in proc.stderr, proc.stderr
     assert "process 1 of 2 encodes 2 batches, from rows 2, 6" in proc.stderr, proc.stderr

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from conftest import free_port, tiny_unet_config
+from loopback import beyond_loopback, remote_addresses
 from multinode_rank import spy
 from safetensors.torch import load_file
 from test_training_loop import tree
@@ -30,7 +31,6 @@ from edm2_diffusers.training import load_config, loop, train
 RANK = Path(__file__).with_name("multinode_rank.py")
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(ROOT))
-LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
 def config(tmp: Path) -> Path:
@@ -67,38 +67,6 @@ def launch(cfg: Path, out: Path, records: Path, overrides: dict | None = None, n
     log = open(records.parent / f"{records.name}-{env.get('LOG', 'node')}.log", "w")
     env.pop("LOG", None)
     return subprocess.Popen(cmd, env={**ENV, **env}, stdout=log, stderr=subprocess.STDOUT)
-
-
-def remote_addresses(procs) -> set[tuple[str, str, int]]:
-    """``(kind, address, port)`` of every connected TCP and UDP socket of the launchers and their processes, now."""
-    found = set()
-    for proc in procs:
-        try:
-            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for member in family:
-            for kind in ("tcp", "udp"):
-                try:
-                    found |= {(kind, c.raddr.ip, c.raddr.port) for c in member.net_connections(kind) if c.raddr}
-                except psutil.NoSuchProcess:
-                    pass
-    return found
-
-
-def nameservers() -> set[str]:
-    path = Path("/etc/resolv.conf")
-    lines = path.read_text().splitlines() if path.exists() else []
-    return {line.split()[1] for line in lines if line.startswith("nameserver") and len(line.split()) > 1}
-
-
-def beyond_loopback(seen: set[tuple[str, str, int]]) -> set[tuple[str, str, int]]:
-    """What reached another address than the loopback. torch's rendezvous store looks up the host name of each peer
-    (``getnameinfo``) to format its log lines; where the resolver does not answer ``::ffff:127.0.0.1`` from
-    /etc/hosts, that is one UDP query to the system's nameserver, port 53, carrying no data of the run. Those are
-    the only sockets allowed off the loopback; every TCP connection must stay on it."""
-    dns = nameservers()
-    return {c for c in seen if c[1] not in LOOPBACK and not (c[0] == "udp" and c[1] in dns and c[2] == 53)}
 
 
 def kill(procs) -> None:

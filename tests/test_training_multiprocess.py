@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 from conftest import free_port, tiny_unet_config
+from loopback import run_on_loopback
 from safetensors.torch import load_file
 from test_run_safety import hold_lock, let_go
 from test_training_loop import tree
@@ -87,7 +88,7 @@ def test_two_cpu_processes_train_one_model(tmp_path):
     out = tmp_path / "run"
     cmd = launch_two(tmp_path, tmp_path / "cfg.yaml", out)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_on_loopback(cmd, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -155,13 +156,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(one))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        launch_two(tmp_path, tmp_path / "two.yaml", tmp_path / "two"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_on_loopback(launch_two(tmp_path, tmp_path / "two.yaml", tmp_path / "two"), env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = train(load_config(tmp_path / "one.yaml", {"training.output_dir": str(tmp_path / "one")}))
     reference = {k: v.detach() for k, v in result.unet.state_dict().items()}

@@ -16,6 +16,7 @@ import torch
 import yaml
 from conftest import tiny_unet_config
 from datasets.distributed import split_dataset_by_node
+from loopback import run_on_loopback
 from safetensors.torch import load_file
 from test_training_latents import config as latent_config
 from test_training_latents import latent_data  # noqa: F401  (a fixture)
@@ -297,7 +298,7 @@ def test_two_processes_read_disjoint_shards_that_cover_the_stream(tmp_path):
     (tmp_path / "rank_stream.py").write_text(RANK_SCRIPT)
     cmd[cmd.index(str(tmp_path / "rank_train.py"))] = str(tmp_path / "rank_stream.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_on_loopback(cmd, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     ranks = [json.loads((out / f"seen{r}.json").read_text()) for r in (0, 1)]
