@@ -139,9 +139,11 @@ def digits_report(result, cfg: dict, num_images: int) -> dict | None:
     pipe.set_progress_bar_config(disable=True)
     classes = pipe.unet.config.num_class_embeds
     labels = torch.arange(num_images) % classes if classes else None  # every digit equally often
-    steps = cfg["sampling"]["num_inference_steps"]
+    # The pipeline as its users call it: its own sampler and default step count (the run's when it stores none).
+    steps = getattr(pipe.config, "default_num_inference_steps", None) or cfg["sampling"]["num_inference_steps"]
     images = generate_batch(pipe, range(num_images), steps, class_labels=labels)
-    return {**digits_metrics(images), "num_inference_steps": steps}
+    sampler = "Heun" if isinstance(pipe.scheduler, EDMHeunScheduler) else type(pipe.scheduler).__name__
+    return {**digits_metrics(images), "num_inference_steps": steps, "sampler": sampler}
 
 
 def main(argv=None) -> int:
@@ -169,7 +171,8 @@ def main(argv=None) -> int:
         metrics = digits_report(result, cfg, args.num_metric_images)
         if metrics is not None:
             print(
-                f"digits metrics of {metrics['num_images']} samples ({metrics['num_inference_steps']} Heun steps): "
+                f"digits metrics of {metrics['num_images']} samples "
+                f"({metrics['num_inference_steps']} {metrics['sampler']} steps): "
                 f"FD {metrics['fd']:.3f} (lower is better), confident {metrics['confident']:.3f} "
                 "(real digits: about 0.97)"
             )
