@@ -46,6 +46,23 @@ def beyond_loopback(seen: set[tuple[str, str, int]]) -> set[tuple[str, str, int]
     return {c for c in seen if c[1] not in LOOPBACK and not (c[0] == "udp" and c[1] in dns and c[2] == 53)}
 
 
+def kill(procs) -> None:
+    """SIGKILL the launchers and every process they started (torch's agent starts each worker in its own session)."""
+    family = []
+    for proc in procs:
+        try:
+            family += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:
+        proc.wait()
+
+
 def run_on_loopback(cmd: list[str], *, env: dict, timeout: float, cwd=None) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True)`` that also fails when any process it started opened
     a socket beyond the loopback."""
@@ -55,9 +72,7 @@ def run_on_loopback(cmd: list[str], *, env: dict, timeout: float, cwd=None) -> s
         while proc.poll() is None:
             seen |= remote_addresses([proc])
             if time.monotonic() > end:
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    child.kill()
-                proc.kill()
+                kill([proc])
                 raise subprocess.TimeoutExpired(cmd, timeout)
             time.sleep(0.1)
         out.seek(0)

@@ -16,12 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
 from conftest import free_port, tiny_unet_config
-from loopback import beyond_loopback, remote_addresses
+from loopback import beyond_loopback, kill, remote_addresses
 from multinode_rank import spy
 from safetensors.torch import load_file
 from test_training_loop import tree
@@ -67,23 +66,6 @@ def launch(cfg: Path, out: Path, records: Path, overrides: dict | None = None, n
     log = open(records.parent / f"{records.name}-{env.get('LOG', 'node')}.log", "w")
     env.pop("LOG", None)
     return subprocess.Popen(cmd, env={**ENV, **env}, stdout=log, stderr=subprocess.STDOUT)
-
-
-def kill(procs) -> None:
-    """SIGKILL the launchers and every process they started (torch's agent starts each worker in its own session)."""
-    family = []
-    for proc in procs:
-        try:
-            family += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-    for member in family:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
-    for proc in procs:
-        proc.wait()
 
 
 def wait(procs, timeout=300, stop_markers=()) -> set[tuple[str, str, int]]:
